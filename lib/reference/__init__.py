@@ -1,0 +1,52 @@
+"""The five papers' published numbers as tidy tables, so notebooks can print them beside reproduced ones.
+
+Data files: ``<paper>/<table>.csv`` (one published number per row) and ``index.csv`` (one row per table).
+They are inputs transcribed from the papers, never outputs of this project.
+"""
+from __future__ import annotations
+
+from importlib.resources import files
+
+import pandas as pd
+
+from lib.reference.compare import compare
+
+PAPERS: tuple[str, ...] = ("sfm", "idfr", "regionsparse", "reconstruction", "arn")
+COLUMNS: tuple[str, ...] = (
+    "paper", "table", "dataset", "model", "defense", "setting", "attack", "eps", "metric", "value", "unit", "note",
+)
+INDEX_COLUMNS: tuple[str, ...] = ("paper", "table", "title", "metric", "unit", "spec_section", "description")
+
+__all__ = ["PAPERS", "COLUMNS", "INDEX_COLUMNS", "list_tables", "load_reference", "compare"]
+
+
+def _read(name: str) -> pd.DataFrame:
+    """Read a packaged CSV with every column as text and empty cells kept as ''."""
+    with files(__name__).joinpath(name).open("r", encoding="utf-8") as fh:
+        return pd.read_csv(fh, dtype=str, keep_default_na=False)
+
+
+def _check_paper(paper: str) -> None:
+    """Raise ValueError naming the valid ids when `paper` is not one of them."""
+    if paper not in PAPERS:
+        raise ValueError(f"unknown paper {paper!r}; valid papers: {', '.join(PAPERS)}")
+
+
+def list_tables(paper: str | None = None) -> pd.DataFrame:
+    """The index of transcribed tables (all papers, or one), to discover what can be loaded."""
+    index = _read("index.csv")
+    if paper is not None:
+        _check_paper(paper)
+        index = index[index["paper"] == paper].reset_index(drop=True)
+    return index
+
+
+def load_reference(paper: str, table: str) -> pd.DataFrame:
+    """One published table in long format: `value` as float (NaN where not reported), every other column str."""
+    _check_paper(paper)
+    tables = list_tables(paper)["table"].tolist()
+    if table not in tables:
+        raise ValueError(f"unknown table {table!r} for paper {paper!r}; valid tables: {', '.join(tables)}")
+    frame = _read(f"{paper}/{table}.csv")
+    frame["value"] = pd.to_numeric(frame["value"].replace("", None), errors="raise").astype(float)
+    return frame

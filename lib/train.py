@@ -1,0 +1,188 @@
+"""One training loop for classifiers, and a checkpoint cache so that nothing is trained twice.
+
+Training saves a resumable checkpoint after every epoch (atomically); the finished model is stored
+under a key made from its configuration and the source code of its class and of this module. A
+re-run with nothing changed loads it in seconds; an interrupted run resumes from its last epoch.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lib import cache
+from lib.data import ImageData, load_dataset
+from lib.profiles import dataset_config
+from lib.runtime import get_device, seed_everything
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one classifier training run."""
+
+    epochs: int = 5
+    batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    cosine: bool = True          # cosine learning-rate decay over the epochs
+    augment: bool = False        # random crop (pad 1/8 of the side) and horizontal flip
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive, got {self.epochs}, {self.batch_size}, {self.lr}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        """Build from a profile section, ignoring keys that are not training hyper-parameters."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Batched random crop (zero padding of 1/8 of the side) and horizontal flip."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).to(x.device)
+    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).to(x.device)
+    batch = torch.arange(n, device=x.device).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[batch, rows.view(n, h, 1), cols.view(n, 1, w)].permute(0, 3, 1, 2)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def fit_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, *, device: torch.device | None = None,
+                   checkpoint: Path | None = None, desc: str = "train",
+                   loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
+    """Train `model` in place with cross-entropy (or `loss_fn(model, x, y)`); returns per-epoch history.
+
+    With `checkpoint`, state is saved atomically after each epoch and a run finding one resumes from it.
+    """
+    device = device or get_device()
+    model.to(device)
+    opt = _make_optimizer(model, cfg)
+    history: list[dict] = []
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = cache.load(checkpoint)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        history, start = list(state["history"]), int(state["epoch"])
+    loss_fn = loss_fn or (lambda m, xb, yb: F.cross_entropy(m(xb), yb))
+    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, mininterval=2.0)
+    for epoch in bar:
+        lr = cfg.lr * (0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)) if cfg.cosine else 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        seed_everything(cfg.seed * 1000 + epoch)
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        model.train()
+        total, correct, loss_sum = 0, 0, 0.0
+        for xb, yb in data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            if cfg.augment:
+                xb = augment_batch(xb, gen)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, xb, yb)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(yb)
+            total += len(yb)
+        model.eval()
+        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / total})
+        bar.set_postfix(loss=f"{loss_sum / total:.4f}")
+        if checkpoint is not None:
+            cache.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "history": history, "epoch": epoch + 1}, checkpoint)
+    model.eval()
+    return history
+
+
+def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], nn.Module],
+                 train: Callable[[nn.Module, Path], dict], *, code: tuple = (), device: torch.device | None = None
+                 ) -> tuple[nn.Module, dict]:
+    """Build a module and load its trained weights from the cache, or train it once and store it.
+
+    `train(model, partial_checkpoint_path)` trains in place and returns metadata (plain values).
+    The key hashes `config` and the source files of every lib class inside the module, of `code` and of this module.
+    Returns (model in eval mode on `device`, metadata incl. 'cache_hit').
+    """
+    device = device or get_device()
+    model = build()
+    own_classes = {type(m) for m in model.modules() if type(m).__module__.startswith("lib.")}
+    fingerprint = cache.source_fingerprint((*own_classes, fit_classifier, *code))
+    key = cache.config_key(dict(config), fingerprint)
+    final = cache.cache_root() / namespace / f"{key}.pt"
+    if final.is_file():
+        entry = cache.load(final)
+        model.load_state_dict(entry["state_dict"])
+        return model.to(device).eval(), {**entry["meta"], "cache_hit": True, "cache_key": key}
+    partial = final.with_suffix(".partial.pt")
+    t0 = time.perf_counter()
+    meta = dict(train(model.to(device), partial))
+    meta.setdefault("train_seconds", time.perf_counter() - t0)
+    cache.atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, final)
+    partial.unlink(missing_ok=True)
+    return model.eval(), {**meta, "cache_hit": False, "cache_key": key}
+
+
+def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "target",
+                       device: torch.device | None = None) -> tuple[nn.Module, dict]:
+    """The profile's classifier (role 'target') or independent surrogate (role 'surrogate') for a dataset.
+
+    Trained on the profile's training subset, cached; metadata carries the test accuracy.
+    """
+    from lib.evaluate import accuracy
+    from lib.models import build_classifier
+
+    roles = {"target": "classifier", "surrogate": "surrogate"}
+    if role not in roles:
+        raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(roles)}")
+    section = dataset_config(profile, dataset)
+    spec = dict(section[roles[role]])
+    cfg = TrainConfig.from_mapping(spec)
+    train_data = load_dataset(dataset, "train", n=section.get("train_size"), seed=profile["seed"])
+    test_data = load_dataset(dataset, "test", n=section.get("test_size"), seed=profile["seed"])
+    info = train_data.info
+    device = device or get_device()
+
+    def build() -> nn.Module:
+        seed_everything(cfg.seed)
+        return build_classifier(spec["arch"], num_classes=info.num_classes, in_channels=info.channels,
+                                image_size=info.image_size, mean=info.mean, std=info.std,
+                                width=spec.get("width", 1.0), depth=spec.get("depth"))
+
+    def train(model: nn.Module, partial: Path) -> dict:
+        t0 = time.perf_counter()
+        history = fit_classifier(model, train_data, cfg, device=device, checkpoint=partial, desc=f"{dataset}/{role}")
+        seconds = time.perf_counter() - t0
+        return {"test_accuracy": accuracy(model, test_data.x, test_data.y, device=device),
+                "train_seconds": seconds, "final_loss": history[-1]["loss"], "train_size": len(train_data)}
+
+    config = {"dataset": dataset, "arch": spec["arch"], "width": spec.get("width", 1.0), "depth": spec.get("depth"),
+              "train_size": section.get("train_size"), "test_size": section.get("test_size"),
+              "data_seed": profile["seed"], "train": asdict(cfg)}
+    return cached_model(f"classifiers/{dataset}", config, build, train, code=(load_dataset,), device=device)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job: execute every notebook with papermill for one profile (default: quick).
+#   ./run_all.sh [--profile smoke|quick|paper] [--only 00,03]
+# Executed notebooks, tables and figures go to results/<profile>/; SUMMARY.md and manifest.json beside them.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/ensure_env.sh
+export MPLBACKEND=Agg
+exec python -m lib.runner "$@"

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from lib import cache
+from lib.defenses.base import Defense, NoDefense
+from lib.evaluate import AttackSpec, accuracy, adversarial_set, attack_specs, evaluate_threats, perturbation_norms
+
+
+class BitDepth(Defense):
+    """Test-local non-differentiable squeezer: 2-bit quantisation."""
+
+    differentiable = False
+
+    def purify(self, x):
+        return torch.round(x * 3) / 3
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path / "cache"))
+
+
+FGSM = AttackSpec("fgsm", {"eps": 0.2}, "FGSM")
+BIM = AttackSpec("bim", {"eps": 0.2, "steps": 5}, "BIM")
+
+
+def test_threat_table_shape_and_semantics(digits_model, digits_surrogate, digits_batch):
+    x, y = digits_batch
+    defenses = {"none": NoDefense(), "bits": BitDepth()}
+    table = evaluate_threats(digits_model, defenses, x, y, [FGSM, BIM], threats=("black", "gray", "white"),
+                             surrogate=digits_surrogate, device=torch.device("cpu"))
+    assert len(table) == 3 * 2 * 2
+    assert {"threat", "defense", "attack", "eps", "clean_acc", "robust_acc", "linf_mean", "l2_median",
+            "attack_seconds", "gradient"} <= set(table.columns)
+    row = table.set_index(["threat", "defense", "attack"])
+    clean = accuracy(digits_model, x, y)
+    assert row.loc[("gray", "none", "FGSM"), "clean_acc"] == pytest.approx(clean)
+    # gray and white box coincide for the undefended model with a deterministic attack
+    assert row.loc[("gray", "none", "BIM"), "robust_acc"] == pytest.approx(row.loc[("white", "none", "BIM"), "robust_acc"])
+    # transfer is weaker than attacking the model itself
+    assert row.loc[("black", "none", "BIM"), "robust_acc"] > row.loc[("gray", "none", "BIM"), "robust_acc"]
+    # the adaptive attack goes through the squeezer with BPDA
+    assert row.loc[("white", "bits", "BIM"), "gradient"] == "BPDA"
+    assert row.loc[("white", "bits", "BIM"), "robust_acc"] < row.loc[("gray", "bits", "BIM"), "robust_acc"] + 1e-9
+    assert (table["linf_mean"] <= 0.2 + 1e-6).all()
+
+
+def test_threat_arguments_are_checked(digits_model, digits_batch):
+    x, y = digits_batch
+    with pytest.raises(ValueError, match="unknown threat"):
+        evaluate_threats(digits_model, {"none": NoDefense()}, x, y, [FGSM], threats=("grey",))
+    with pytest.raises(ValueError, match="surrogate"):
+        evaluate_threats(digits_model, {"none": NoDefense()}, x, y, [FGSM], threats=("black",))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        evaluate_threats(digits_model, {"none": NoDefense()}, x * 2, y, [FGSM])
+
+
+def test_adversarial_sets_are_cached(digits_model, digits_batch, monkeypatch):
+    x, y = digits_batch
+    first, seconds = adversarial_set(BIM, digits_model, x, y)
+    assert len(list((cache.cache_root() / "adversarial").glob("*.pt"))) == 1
+    import lib.attacks as attacks
+
+    monkeypatch.setattr(attacks, "generate", lambda *a, **k: pytest.fail("attack re-run despite cache"))
+    again, seconds_again = adversarial_set(BIM, digits_model, x, y)
+    assert torch.equal(first, again) and seconds_again == pytest.approx(seconds)
+
+
+def test_norms_and_specs():
+    x = torch.zeros(2, 1, 2, 2)
+    adv = x.clone()
+    adv[0, 0, 0, 0] = 0.5
+    norms = perturbation_norms(x, adv)
+    assert norms["linf_mean"] == pytest.approx(0.25) and norms["l2_mean"] == pytest.approx(0.25)
+    specs = attack_specs([{"name": "pgd", "params": {"eps": 0.1}, "label": "PGD"}, {"name": "deepfool"}])
+    assert specs[0].title == "PGD" and specs[0].eps == pytest.approx(0.1) and specs[1].eps is None

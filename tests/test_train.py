@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+from lib import cache
+from lib.data import load_dataset
+from lib.profiles import load_profile
+from lib.train import TrainConfig, augment_batch, cached_model, fit_classifier, trained_classifier
+from tests.conftest import make_digits_cnn
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def _small_data():
+    return load_dataset("digits", "train", n=300)
+
+
+def test_training_lowers_the_loss_and_is_deterministic():
+    data, cfg = _small_data(), TrainConfig(epochs=3, batch_size=50, lr=3e-3, seed=0)
+    torch.manual_seed(0)
+    a = make_digits_cnn(8)
+    history = fit_classifier(a, data, cfg, device=torch.device("cpu"))
+    assert history[-1]["loss"] < history[0]["loss"]
+    torch.manual_seed(0)
+    b = make_digits_cnn(8)
+    fit_classifier(b, data, cfg, device=torch.device("cpu"))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    data, cfg = _small_data(), TrainConfig(epochs=3, batch_size=50, lr=3e-3)
+    torch.manual_seed(0)
+    reference = make_digits_cnn(8)
+    fit_classifier(reference, data, cfg, device=torch.device("cpu"))
+
+    calls = {"n": 0}
+
+    def crashing_loss(model, x, y):
+        calls["n"] += 1
+        if calls["n"] == 8:  # during the second epoch (6 batches per epoch)
+            raise KeyboardInterrupt
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    ckpt = tmp_path / "run.partial.pt"
+    torch.manual_seed(0)
+    model = make_digits_cnn(8)
+    with pytest.raises(KeyboardInterrupt):
+        fit_classifier(model, data, cfg, device=torch.device("cpu"), checkpoint=ckpt, loss_fn=crashing_loss)
+    assert cache.load(ckpt)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["run.partial.pt"]  # no temporary files left behind
+
+    torch.manual_seed(123)  # a fresh process would start from different random weights
+    resumed = make_digits_cnn(8)
+    fit_classifier(resumed, data, cfg, device=torch.device("cpu"), checkpoint=ckpt)
+    for p, q in zip(reference.state_dict().values(), resumed.state_dict().values()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_cached_model_trains_once_then_loads(tmp_path):
+    calls = []
+
+    def train(model, partial):
+        calls.append(partial)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        return {"note": "trained"}
+
+    build = lambda: make_digits_cnn(4)  # noqa: E731
+    torch.manual_seed(0)
+    first, meta1 = cached_model("unit", {"a": 1}, build, train, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    second, meta2 = cached_model("unit", {"a": 1}, build, train, device=torch.device("cpu"))
+    assert len(calls) == 1 and not meta1["cache_hit"] and meta2["cache_hit"] and meta2["note"] == "trained"
+    assert all(torch.equal(p, q) for p, q in zip(first.state_dict().values(), second.state_dict().values()))
+    cached_model("unit", {"a": 2}, build, train, device=torch.device("cpu"))
+    assert len(calls) == 2  # another configuration is another entry
+
+
+def test_failed_training_leaves_no_cache_entry():
+    def train(model, partial):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        cached_model("unit", {"b": 1}, lambda: make_digits_cnn(4), train, device=torch.device("cpu"))
+    root = cache.cache_root() / "unit"
+    assert not root.exists() or not any(root.glob("*.pt"))
+
+
+def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "x.pt"
+    cache.atomic_save({"w": torch.ones(2)}, target)
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        cache.atomic_save({"w": torch.zeros(2)}, target)
+    assert torch.equal(cache.load(target)["w"], torch.ones(2))  # old entry intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+def test_cache_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"f": print}, path)
+    with pytest.raises(Exception):
+        cache.load(path)
+
+
+def test_augmentation_keeps_shape_and_range():
+    x = torch.rand(16, 3, 32, 32)
+    out = augment_batch(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert not torch.equal(out, x)
+
+
+def test_bad_train_config_is_refused():
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        TrainConfig(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="positive"):
+        TrainConfig(epochs=0)
+
+
+def test_profile_classifier_is_accurate_and_cached():
+    profile = load_profile("smoke")
+    model, meta = trained_classifier(profile, "digits", device=torch.device("cpu"))
+    assert meta["test_accuracy"] > 85.0 and not meta["cache_hit"]
+    again, meta2 = trained_classifier(profile, "digits", device=torch.device("cpu"))
+    assert meta2["cache_hit"] and meta2["test_accuracy"] == meta["test_accuracy"]
+    with pytest.raises(ValueError, match="valid roles"):
+        trained_classifier(profile, "digits", role="teacher")
