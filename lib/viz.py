@@ -58,7 +58,7 @@ def clean_vs_adversarial(clean: torch.Tensor, adversarial: torch.Tensor, labels:
     for i in range(n):
         show_image(axes[0, i], clean[i], f"true {labels[i]}\npred {clean_pred[i]}")
         show_image(axes[1, i], adversarial[i], f"pred {adv_pred[i]}")
-        show_image(axes[2, i], delta[i], "perturbation" if i == 0 else "")
+        show_image(axes[2, i], delta[i])
     for ax, name in zip(axes[:, 0], ("clean", "adversarial", "δ (magnified)")):
         ax.set_ylabel(name, fontsize=8)
     fig.suptitle(title, fontsize=10)
