@@ -39,6 +39,14 @@ def config_key(config: Any, code: str = "") -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """Hash of tensors' contents: identifies data (training sets, inputs) in cache keys."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside `path`, then rename over it."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -172,7 +172,8 @@ def _torchvision_download(name: str, make: Callable[[], object]) -> object:
     try:
         return make()
     except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError ... when offline
-        raise _unavailable(name, data_root(), f"download failed: {type(exc).__name__}: {exc}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise _unavailable(name, data_root(), f"download failed: {type(exc).__name__}: {first_line}") from exc
 
 
 def _load_torchvision(name: str, split: str, root: Path, download: bool) -> tuple[np.ndarray, np.ndarray]:

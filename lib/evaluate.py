@@ -82,13 +82,6 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def tensor_digest(*tensors: torch.Tensor) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
                     use_cache: bool = True) -> tuple[torch.Tensor, float]:
     """Run one attack on `model`; returns (x_adv on x's device, seconds spent).
@@ -105,7 +98,7 @@ def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Te
 
     if use_cache and isinstance(model, nn.Module):
         config = {"attack": spec.name, "params": dict(spec.params), "model": model_digest(model),
-                  "inputs": tensor_digest(x, y)}
+                  "inputs": cache.tensor_digest(x, y)}
         out = cache.cached_tensors("adversarial", config, run, code=cache.source_fingerprint([attacks.ATTACKS[spec.name]]))
     else:
         out = run()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -86,7 +87,7 @@ def summary_markdown(profile: str, records: list[dict], total_seconds: float) ->
              f"in {total_seconds / 60:.1f} min.", "",
              "| notebook | status | time (s) | skipped parts |", "|---|---|---|---|"]
     for r in records:
-        skipped = "; ".join(f"{s['what']}: {s['reason']}" for s in r["skipped"]) or "none"
+        skipped = "; ".join(f"{s['what']}: {' '.join(s['reason'].split())}" for s in r["skipped"]) or "none"
         lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {skipped.replace('|', '/')} |")
     failures = [r for r in records if r["status"] != "ok"]
     if failures:
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if profile.get("threads") and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(profile["threads"])  # inherited by the notebook kernels
     t0 = time.perf_counter()
     records = []
     for i, book in enumerate(books, 1):

@@ -183,6 +183,6 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
                 "train_seconds": seconds, "final_loss": history[-1]["loss"], "train_size": len(train_data)}
 
     config = {"dataset": dataset, "arch": spec["arch"], "width": spec.get("width", 1.0), "depth": spec.get("depth"),
-              "train_size": section.get("train_size"), "test_size": section.get("test_size"),
-              "data_seed": profile["seed"], "train": asdict(cfg)}
-    return cached_model(f"classifiers/{dataset}", config, build, train, code=(load_dataset,), device=device)
+              "train_data": cache.tensor_digest(train_data.x, train_data.y),
+              "test_data": cache.tensor_digest(test_data.x, test_data.y), "train": asdict(cfg)}
+    return cached_model(f"classifiers/{dataset}", config, build, train, device=device)

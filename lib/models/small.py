@@ -12,15 +12,26 @@ def _conv_relu(in_planes: int, planes: int) -> list[nn.Module]:
     return [nn.Conv2d(in_planes, planes, 3, padding=1), nn.ReLU()]
 
 
+def _stage(in_planes: int, planes: int, convs: int) -> list[nn.Module]:
+    """`convs` conv-ReLU pairs, the first changing the channel count."""
+    layers = _conv_relu(in_planes, planes)
+    for _ in range(convs - 1):
+        layers += _conv_relu(planes, planes)
+    return layers
+
+
 class SmallCNN(nn.Module):
-    """Three 3x3 conv-ReLU layers, max-pools after the first two, global average pool (feat_dim = channels[2])."""
+    """Three stages of 3x3 conv-ReLU (max-pool after the first two), global average pool (feat_dim = channels[2])."""
+
+    convs_per_stage = 1
 
     def __init__(self, in_channels: int, channels: Sequence[int] = (16, 32, 64)):
         super().__init__()
         c1, c2, c3 = channels
+        k = self.convs_per_stage
         self.layers = nn.Sequential(
-            *_conv_relu(in_channels, c1), nn.MaxPool2d(2),
-            *_conv_relu(c1, c2), nn.MaxPool2d(2),
+            *_stage(in_channels, c1, k), nn.MaxPool2d(2),
+            *_stage(c1, c2, k), nn.MaxPool2d(2),
             *_conv_relu(c2, c3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         )
         self.feat_dim = c3
@@ -29,21 +40,10 @@ class SmallCNN(nn.Module):
         return self.layers(x)
 
 
-class SmallVGG(nn.Module):
+class SmallVGG(SmallCNN):
     """spec-001's CPU target: conv16-16-pool-32-32-pool-64, global average pool (feat_dim = channels[2])."""
 
-    def __init__(self, in_channels: int, channels: Sequence[int] = (16, 32, 64)):
-        super().__init__()
-        c1, c2, c3 = channels
-        self.layers = nn.Sequential(
-            *_conv_relu(in_channels, c1), *_conv_relu(c1, c1), nn.MaxPool2d(2),
-            *_conv_relu(c1, c2), *_conv_relu(c2, c2), nn.MaxPool2d(2),
-            *_conv_relu(c2, c3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-        )
-        self.feat_dim = c3
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    convs_per_stage = 2
 
 
 class LisaCNN(nn.Module):
