@@ -175,6 +175,7 @@ def measure(impls: list[Impl], model, x, y, repeats: int, slow_seconds: float) -
     outputs, times = {}, {}
     for impl in runnable:
         seconds, x_adv = _timed(impl.run, x.device)
+        print(f"{impl.attack} / {impl.implementation}: warm-up {seconds:.2f} s", flush=True)
         outputs[impl.implementation] = x_adv.detach()
         times[impl.implementation] = [seconds] if seconds > slow_seconds else []
     repeated = [i for i in runnable if not times[i.implementation]]
@@ -259,7 +260,6 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     rows = []
     for group in groups:
         rows += measure(GROUPS[group](model, x, y), model, x, y, args.repeats, args.slow_seconds)
-        print(f"done: {rows[-1]['attack']}", flush=True)
     table = pd.DataFrame(rows)
 
     versions = ", ".join(f"{m} {getattr(_peer(m), '__version__', 'not installed')}"

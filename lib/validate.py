@@ -14,6 +14,7 @@ def check_images(x: torch.Tensor, name: str = "x") -> None:
         raise ValueError(f"{name} must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty: shape {tuple(x.shape)}")
+    x = x.detach()
     if not torch.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     lo, hi = float(x.min()), float(x.max())

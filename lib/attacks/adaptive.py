@@ -33,7 +33,8 @@ class _BPDAFunction(torch.autograd.Function):
             raise ValueError(f"identity BPDA needs forward_fn to keep the shape {tuple(x.shape)}, "
                              f"got {tuple(out.shape)}; pass a backward_fn")
         ctx.backward_fn = backward_fn
-        ctx.save_for_backward(x)
+        if backward_fn is not None:
+            ctx.save_for_backward(x)
         return out
 
     @staticmethod

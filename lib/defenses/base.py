@@ -44,3 +44,25 @@ class Defended(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.defense.purify(x))
+
+
+class Compose(Defense):
+    """Defenses applied in order; differentiable only if every step is, randomised if any step is."""
+
+    def __init__(self, *steps: Defense):
+        super().__init__()
+        if not steps:
+            raise ValueError("Compose needs at least one defense")
+        self.steps = nn.ModuleList(steps)
+        self.differentiable = all(s.differentiable for s in steps)
+        self.randomized = any(s.randomized for s in steps)
+
+    def purify(self, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step.purify(x)
+        return x
+
+    def fit(self, *args, **kwargs) -> "Compose":
+        for step in self.steps:
+            step.fit(*args, **kwargs)
+        return self
