@@ -35,6 +35,7 @@ class AttackSpec:
     name: str
     params: Mapping[str, Any] = field(default_factory=dict)
     label: str | None = None
+    l2_budget: float | None = None   # minimal-norm attacks (CW, DeepFool, DDN): success only within this L2 radius
 
     @property
     def title(self) -> str:
@@ -42,13 +43,22 @@ class AttackSpec:
 
     @property
     def eps(self) -> float | None:
-        eps = self.params.get("eps")
+        """The attack's budget: its L-inf/L2 eps parameter, or the L2 budget of a minimal-norm attack."""
+        eps = self.params.get("eps", self.l2_budget)
         return None if eps is None else float(eps)
 
 
 def attack_specs(entries: Sequence[Mapping[str, Any]]) -> list[AttackSpec]:
-    """AttackSpecs from a profile's list of {name, params, label} mappings."""
-    return [AttackSpec(e["name"], dict(e.get("params", {})), e.get("label")) for e in entries]
+    """AttackSpecs from a profile's list of {name, params, label, l2_budget} mappings."""
+    return [AttackSpec(e["name"], dict(e.get("params", {})), e.get("label"), e.get("l2_budget")) for e in entries]
+
+
+def within_l2_budget(x: torch.Tensor, x_adv: torch.Tensor, budget: float | None) -> torch.Tensor:
+    """x_adv where its L2 distance to x is within `budget`, else x (the attack failed within the budget)."""
+    if budget is None:
+        return x_adv
+    inside = (x_adv - x).flatten(1).norm(dim=1) <= budget
+    return torch.where(inside.view(-1, *[1] * (x.dim() - 1)), x_adv, x)
 
 
 @torch.no_grad()
@@ -149,6 +159,7 @@ def evaluate_threats(classifier: nn.Module, defenses: Mapping[str, Defense], x: 
                     if key not in shared:
                         shared[key] = adversarial_set(spec, model, x, y, batch_size=batch_size, use_cache=use_cache)
                     x_adv, seconds = shared[key]
+                x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
                 rows.append({"threat": threat, "defense": name, "attack": spec.title, "eps": spec.eps, "n": len(y),
                              "clean_acc": clean[name], "robust_acc": accuracy(pipelines[name], x_adv, y, batch_size, device),
                              **perturbation_norms(x, x_adv), "attack_seconds": seconds, "gradient": gradient})

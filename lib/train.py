@@ -151,19 +151,24 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
 
 def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "target",
                        device: torch.device | None = None) -> tuple[nn.Module, dict]:
-    """The profile's classifier (role 'target') or independent surrogate (role 'surrogate') for a dataset.
+    """The profile's classifier for a dataset: role 'target', its independent 'surrogate', or 'adversarial'
+    (the target's architecture trained with PGD adversarial training, Madry et al. 2018, a baseline defense).
 
     Trained on the profile's training subset, cached; metadata carries the test accuracy.
     """
     from lib.evaluate import accuracy
     from lib.models import build_classifier
 
-    roles = {"target": "classifier", "surrogate": "surrogate"}
+    roles = {"target": "classifier", "surrogate": "surrogate", "adversarial": "adversarial"}
     if role not in roles:
         raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(roles)}")
     section = dataset_config(profile, dataset)
+    if roles[role] not in section:
+        raise ValueError(f"profile {profile['name']!r} has no {roles[role]!r} settings for dataset {dataset!r}")
     spec = dict(section[roles[role]])
     cfg = TrainConfig.from_mapping(spec)
+    attack = dict(spec.get("attack", {})) if role == "adversarial" else {}
+    loss_fn = pgd_training_loss(**attack) if role == "adversarial" else None
     train_data = load_dataset(dataset, "train", n=section.get("train_size"), seed=profile["seed"])
     test_data = load_dataset(dataset, "test", n=section.get("test_size"), seed=profile["seed"])
     info = train_data.info
@@ -177,12 +182,28 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
 
     def train(model: nn.Module, partial: Path) -> dict:
         t0 = time.perf_counter()
-        history = fit_classifier(model, train_data, cfg, device=device, checkpoint=partial, desc=f"{dataset}/{role}")
+        history = fit_classifier(model, train_data, cfg, device=device, checkpoint=partial, desc=f"{dataset}/{role}",
+                                 loss_fn=loss_fn)
         seconds = time.perf_counter() - t0
         return {"test_accuracy": accuracy(model, test_data.x, test_data.y, device=device),
                 "train_seconds": seconds, "final_loss": history[-1]["loss"], "train_size": len(train_data)}
 
     config = {"dataset": dataset, "arch": spec["arch"], "width": spec.get("width", 1.0), "depth": spec.get("depth"),
               "train_data": cache.tensor_digest(train_data.x, train_data.y),
-              "test_data": cache.tensor_digest(test_data.x, test_data.y), "train": asdict(cfg)}
-    return cached_model(f"classifiers/{dataset}", config, build, train, device=device)
+              "test_data": cache.tensor_digest(test_data.x, test_data.y), "train": asdict(cfg), "attack": attack}
+    return cached_model(f"classifiers/{dataset}", config, build, train, device=device,
+                        code=(pgd_training_loss,) if attack else ())
+
+
+def pgd_training_loss(eps: float, steps: int = 7, alpha: float | None = None
+                      ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Madry et al.'s adversarial training loss: cross-entropy on L-inf PGD examples (random start) of each batch."""
+    from lib.attacks import pgd
+
+    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        x_adv = pgd(model, x, y, eps=eps, steps=steps, alpha=alpha)
+        model.train()
+        return F.cross_entropy(model(x_adv), y)
+
+    return loss

@@ -1,0 +1,106 @@
+"""Cross-defense benchmark: every defense under the same attacks, summarised as a leaderboard.
+
+The rows come from lib.evaluate.evaluate_threats; this module adds costs (purification time, training
+time, parameters), the worst case over attacks, and the two figures (accuracy against epsilon, clean
+against robust accuracy).
+"""
+from __future__ import annotations
+
+import time
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from lib.defenses.base import Defense
+
+ADAPTIVE_NOTES = {
+    "full": "exact gradients through the defense",
+    "BPDA": "BPDA (identity backward through non-differentiable steps): an approximation, so white-box "
+            "accuracy is an upper bound",
+}
+
+
+@torch.no_grad()
+def purification_ms(defense: Defense, x: torch.Tensor, batch_size: int = 256) -> float:
+    """Wall-clock milliseconds per image of defense.purify on x (after one warm-up batch)."""
+    defense.purify(x[:min(len(x), 8)])
+    start = time.perf_counter()
+    for xb in x.split(batch_size):
+        defense.purify(xb)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return 1000.0 * (time.perf_counter() - start) / len(x)
+
+
+def defense_costs(defenses: Mapping[str, Defense], x: torch.Tensor, batch_size: int = 256) -> pd.DataFrame:
+    """Per defense: purification ms per image, learned parameters, and training seconds (0 if nothing is learned).
+
+    Training seconds come from the defense's `train_seconds` attribute, which the registry sets from the
+    cache metadata of the run that trained it (a cached defense reports its original training time).
+    """
+    rows = []
+    for name, defense in defenses.items():
+        rows.append({"defense": name, "purify_ms_per_image": purification_ms(defense, x, batch_size),
+                     "parameters": sum(p.numel() for p in defense.parameters()),
+                     "train_seconds": float(getattr(defense, "train_seconds", 0.0))})
+    return pd.DataFrame(rows)
+
+
+def worst_case(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (defense, threat): the lowest robust accuracy over all attacks and budgets, and which attack gave it."""
+    idx = rows.groupby(["defense", "threat"])["robust_acc"].idxmin()
+    worst = rows.loc[idx, ["defense", "threat", "robust_acc", "attack", "eps"]]
+    return worst.rename(columns={"robust_acc": "worst_acc", "attack": "worst_attack", "eps": "worst_eps"})
+
+
+def leaderboard(rows: pd.DataFrame, costs: pd.DataFrame, labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One line per defense, sorted by worst-case robust accuracy over every attack and threat model."""
+    worst = worst_case(rows)
+    by_threat = worst.pivot(index="defense", columns="threat", values="worst_acc").add_prefix("worst_")
+    overall = worst.loc[worst.groupby("defense")["worst_acc"].idxmin()].set_index("defense")
+    clean = rows.groupby("defense")["clean_acc"].first()
+    routes = rows[rows.threat == "white"].groupby("defense")["gradient"].first()
+    table = pd.DataFrame({"clean_acc": clean}).join(by_threat)
+    table["worst_acc"] = overall["worst_acc"]
+    table["worst_attack"] = overall["worst_attack"] + " (" + overall["threat"] + ")"
+    table["white_box_gradient"] = routes
+    table = table.join(costs.set_index("defense"))
+    table = table.sort_values(["worst_acc", "clean_acc"], ascending=False).reset_index()
+    if labels:
+        table.insert(1, "name", table["defense"].map(lambda d: labels.get(d, d)))
+    return table
+
+
+def accuracy_curves(rows: pd.DataFrame, attack: str, title: str, labels: Mapping[str, str] | None = None):
+    """Robust accuracy against epsilon for one attack, one panel per threat model, one line per defense."""
+    data = rows[rows.attack == attack]
+    threats = list(dict.fromkeys(data.threat))
+    if not threats:
+        raise ValueError(f"no rows for attack {attack!r}; attacks present: {sorted(set(rows.attack))}")
+    fig, axes = plt.subplots(1, len(threats), figsize=(5.5 * len(threats), 4), sharey=True, squeeze=False)
+    for ax, threat in zip(axes[0], threats):
+        for defense, group in data[data.threat == threat].groupby("defense", sort=False):
+            group = group.sort_values("eps")
+            ax.plot(group.eps, group.robust_acc, marker="o", label=(labels or {}).get(defense, defense))
+        ax.set(xlabel="epsilon (L-inf)", ylabel="robust accuracy (%)", title=f"{title}: {attack}, {threat} box",
+               ylim=(-2, 102))
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def clean_vs_robust(board: pd.DataFrame, title: str):
+    """Scatter of clean against worst-case robust accuracy, one labelled point per defense."""
+    fig, ax = plt.subplots(figsize=(6, 5))
+    names = board["name"] if "name" in board else board["defense"]
+    ax.scatter(board.clean_acc, board.worst_acc)
+    for name, cx, ry in zip(names, board.clean_acc, board.worst_acc):
+        ax.annotate(name, (cx, ry), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="clean accuracy (%)", ylabel="worst-case robust accuracy (%)", title=title,
+           xlim=(-2, 102), ylim=(-2, 102))
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
