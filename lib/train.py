@@ -154,7 +154,8 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
     """The profile's classifier for a dataset: role 'target', its independent 'surrogate', or 'adversarial'
     (the target's architecture trained with PGD adversarial training, Madry et al. 2018, a baseline defense).
 
-    Trained on the profile's training subset, cached; metadata carries the test accuracy.
+    Trained on the profile's training subset (or the role's own `train_size`), cached; metadata carries the
+    test accuracy.
     """
     from lib.evaluate import accuracy
     from lib.models import build_classifier
@@ -169,7 +170,7 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
     cfg = TrainConfig.from_mapping(spec)
     attack = dict(spec.get("attack", {})) if role == "adversarial" else {}
     loss_fn = pgd_training_loss(**attack) if role == "adversarial" else None
-    train_data = load_dataset(dataset, "train", n=section.get("train_size"), seed=profile["seed"])
+    train_data = load_dataset(dataset, "train", n=spec.get("train_size", section.get("train_size")), seed=profile["seed"])
     test_data = load_dataset(dataset, "test", n=section.get("test_size"), seed=profile["seed"])
     info = train_data.info
     device = device or get_device()
