@@ -13,6 +13,12 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
     || echo "[env] warning: could not install dataset-fashion-mnist; the quick profile will report Fashion-MNIST as unavailable"
 fi
+# Debian's chromium for the explorer's browser test (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[env] installing Debian's chromium (browser test)"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "[env] warning: could not install chromium; tests/test_browser.py will skip"
+fi
 
 # pip output goes to a log, shown only when pip fails.
 pip_logged() { "$ADV_VENV/bin/python" -m pip "$@" >>"$ADV_VENV/pip.log" 2>&1 || { tail -n 40 "$ADV_VENV/pip.log"; return 1; }; }

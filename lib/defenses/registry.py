@@ -30,6 +30,14 @@ _BUILDERS: dict[str, Builder] = {
     "tvm": lambda profile, dataset, classifier: TotalVariationMinimization(seed=profile.get("seed", 0)),
 }
 
+
+def _regionsparse(profile: Mapping[str, Any], dataset: str, classifier: nn.Module) -> Defense:
+    from lib.defenses.regionsparse import regionsparse_for
+    return regionsparse_for(profile, dataset)
+
+
+_BUILDERS["regionsparse"] = _regionsparse
+
 LABELS = {
     "none": "No defense",
     "bit_depth": "Bit-depth reduction",
@@ -37,6 +45,7 @@ LABELS = {
     "nlm": "Non-local means",
     "jpeg": "JPEG (q=75)",
     "tvm": "TVM",
+    "regionsparse": "RegionSparse (OMP in the object region)",
 }
 
 

@@ -1,0 +1,236 @@
+"""RegionSparse (paper 002): batched OMP vs scikit-learn, patches, dictionaries, localiser, the composed defense,
+the evaluation protocol's strength calibration, and the activation / CAM analysis."""
+import time
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import orthogonal_mp
+from torch import nn
+
+from lib.activations import (activation_grid, activation_ratios, cam, channel_max_activations, class_activation_map,
+                             grad_cam, total_activation)
+from lib.defenses.regionsparse import (RegionSparse, RegionSparseConfig, batch_omp, bilateral, dct_dictionary,
+                                       extract_patches, fold_patches, learn_dictionary, localize, zscore_cols)
+from lib.models import build_classifier
+from lib.regionsparse_eval import cw_fixed_c, normalized_l2, scale_to_normalized_l2
+
+TINY = RegionSparseConfig(patch_size=3, n_atoms=16, sparsity=2, dict_epochs=1, patches_per_image=40, stride=1,
+                          nlm_template=3, nlm_search=5, bilateral_d=3, bilateral_sigma_space=2.0, loc_scale=0.2)
+
+
+def _random_dictionary(k=32, d=16, seed=0):
+    rng = np.random.RandomState(seed)
+    atoms = rng.randn(k, d)
+    return atoms / np.linalg.norm(atoms, axis=1, keepdims=True)
+
+
+def _square_image(size=32, lo=0.3, hi=0.9, box=(10, 22, 8, 20)):
+    img = torch.full((1, 3, size, size), lo)
+    y0, y1, x0, x1 = box
+    img[:, :, y0:y1, x0:x1] = hi
+    return img
+
+
+def test_batch_omp_matches_sklearn_and_respects_sparsity():
+    atoms = _random_dictionary()
+    signals = np.random.RandomState(1).randn(300, 16)
+    ours = batch_omp(torch.from_numpy(signals), torch.from_numpy(atoms), 4).numpy()
+    ref = orthogonal_mp(atoms.T, signals.T, n_nonzero_coefs=4).T
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert (np.count_nonzero(ours, axis=1) <= 4).all()
+
+
+def test_batch_omp_codes_a_single_atom_exactly():
+    atoms = _random_dictionary()
+    signal = torch.from_numpy(2.5 * atoms[[7]])
+    codes = batch_omp(signal, torch.from_numpy(atoms), 3)
+    expected = np.zeros((1, 32))
+    expected[0, 7] = 2.5
+    np.testing.assert_allclose(codes.numpy(), expected, atol=1e-10)
+
+
+def test_batch_omp_is_faster_than_sklearn_patch_by_patch():
+    atoms = _random_dictionary(64, 25)
+    signals = np.random.RandomState(2).randn(3000, 25)
+    t0 = time.perf_counter()
+    ref = orthogonal_mp(atoms.T, signals.T, n_nonzero_coefs=3).T
+    t_sk = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ours = batch_omp(torch.from_numpy(signals), torch.from_numpy(atoms), 3).numpy()
+    t_ours = time.perf_counter() - t0
+    print(f"OMP speed-up over sklearn.orthogonal_mp: {t_sk / t_ours:.1f}x ({t_sk:.2f}s vs {t_ours:.3f}s)")
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+    assert t_sk / t_ours >= 4.0
+
+
+def test_batch_omp_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="signals"):
+        batch_omp(torch.zeros(3, 5), torch.zeros(4, 6), 2)
+    with pytest.raises(ValueError, match="sparsity"):
+        batch_omp(torch.zeros(3, 5), torch.zeros(4, 5), 9)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_extract_then_fold_is_identity(stride):
+    x = torch.rand(2, 3, 11, 11)
+    img, cover = fold_patches(extract_patches(x, 3, stride), (11, 11), 3, stride)
+    torch.testing.assert_close(img, x)
+    assert (cover > 0).all()
+
+
+def test_zscore_round_trip():
+    p = np.random.RandomState(0).rand(50, 9) * 3 + 1
+    z, mu, sd = zscore_cols(p)
+    np.testing.assert_allclose(z.mean(0), 0, atol=1e-9)
+    np.testing.assert_allclose(z * sd + mu, p, atol=1e-12)
+
+
+def test_dictionaries_have_unit_norm_atoms(digits_split):
+    x = torch.nn.functional.interpolate(digits_split["x_train"][:6], size=16, mode="bilinear").clamp(0, 1)
+    learnt = learn_dictionary(x, TINY)
+    assert learnt.shape == (16, 9)
+    np.testing.assert_allclose(np.linalg.norm(learnt, axis=1), 1.0, atol=1e-6)
+    dct = dct_dictionary(64, 5)
+    np.testing.assert_allclose(np.linalg.norm(dct, axis=1), 1.0, atol=1e-12)
+    with pytest.raises(ValueError, match="square"):
+        dct_dictionary(60, 5)
+
+
+def test_localiser_covers_a_single_object_and_falls_back_on_flat_images():
+    img = _square_image()[0].permute(1, 2, 0).numpy()
+    (y0, y1, x0, x1), fallback = localize(img, scale=0.2)
+    assert not fallback
+    assert 0 <= y0 < y1 <= 32 and 0 <= x0 < x1 <= 32
+    assert y0 <= 10 and y1 >= 22 and x0 <= 8 and x1 >= 20          # the mask covers the object
+    assert (y1 - y0) * (x1 - x0) < 0.6 * 32 * 32                     # ... and not the whole frame
+    box, fallback = localize(np.full((32, 32, 3), 0.5, np.float32))
+    assert fallback and box == (0, 32, 0, 32)
+
+
+def test_region_sparse_output_shape_range_and_composition():
+    x = (_square_image() + 0.05 * torch.randn(1, 3, 32, 32)).clamp(0, 1).repeat(2, 1, 1, 1)
+    rs = RegionSparse(TINY, dictionary=_random_dictionary(16, 9))
+    out = rs.purify(x)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    mask, _ = rs.region_masks(x)
+    assert 0 < mask.mean() < 1
+    outside = mask == 0
+    torch.testing.assert_close(out[outside.expand_as(x)], bilateral(x, 3, 50.0, 2.0)[outside.expand_as(x)])
+    inside = mask.expand_as(x) > 0
+    assert not torch.allclose(out[inside], x[inside])                 # the region was sparse-coded
+    nobs = RegionSparse(TINY.variant("noBS"), dictionary=_random_dictionary(16, 9)).purify(x)
+    torch.testing.assert_close(nobs[outside.expand_as(x)], x[outside.expand_as(x)])
+    torch.testing.assert_close(rs.purify(x), out)                     # deterministic
+
+
+def test_region_sparse_needs_a_dictionary_and_valid_settings():
+    with pytest.raises(ValueError, match="fit"):
+        RegionSparse(TINY).purify(torch.rand(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="region"):
+        RegionSparseConfig(region="everything")
+    with pytest.raises(ValueError, match="variant"):
+        TINY.variant("noXY")
+
+
+def test_region_sparse_fit_is_deterministic(digits_split):
+    x = torch.nn.functional.interpolate(digits_split["x_train"][:6], size=16, mode="bilinear").clamp(0, 1)
+    a = RegionSparse(TINY).fit(x, use_cache=False).dictionary
+    b = RegionSparse(TINY).fit(x, use_cache=False).dictionary
+    torch.testing.assert_close(a, b)
+
+
+def test_scale_to_normalized_l2_hits_the_target():
+    x = torch.rand(8, 1, 8, 8) * 0.5 + 0.25
+    x_adv = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
+    scaled, tau, got = scale_to_normalized_l2(x, x_adv, 0.1)
+    assert tau >= 1 and abs(got - 0.1) < 1e-3 and abs(normalized_l2(x, scaled) - got) < 1e-9
+
+
+def test_cw_fixed_c_changes_the_prediction_of_a_linear_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    x = torch.rand(5, 1, 4, 4)
+    y = model(x).argmax(1)
+    x_adv = cw_fixed_c(model, x, y, c=10.0, steps=200, lr=0.05)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (model(x_adv).argmax(1) != y).float().mean() >= 0.6
+
+
+def test_total_activation_is_the_sum_above_gamma():
+    p = torch.tensor([[0.0, 0.4, 1.2, -0.3, 2.0]])
+    for gamma in (0.0, 0.5, 1.0):
+        assert float(total_activation(p, gamma)) == pytest.approx(float(p[p > gamma].sum()))
+
+
+def _gap_model():
+    torch.manual_seed(0)
+    return build_classifier("smallcnn", num_classes=4, in_channels=1, image_size=8, mean=(0.3,), std=(0.4,),
+                            width=0.25).eval()
+
+
+def test_cam_equals_the_explicit_weighted_sum_and_lies_in_unit_range():
+    model = _gap_model()
+    x = torch.rand(3, 1, 8, 8)
+    maps = class_activation_map(model, x)
+    assert maps.shape == (3, 8, 8) and maps.min() >= 0 and maps.max() <= 1
+    feats = model.body.layers[:-2](model.normalize(x))                  # maps before the global pool
+    cls = model(x).argmax(1)
+    explicit = torch.relu(torch.einsum("nk,nkhw->nhw", model.head.weight[cls], feats))
+    explicit = torch.nn.functional.interpolate(explicit[:, None], size=(8, 8), mode="bilinear")[:, 0]
+    lo, hi = explicit.flatten(1).amin(1).view(-1, 1, 1), explicit.flatten(1).amax(1).view(-1, 1, 1)
+    torch.testing.assert_close(maps, (explicit - lo) / (hi - lo))
+    assert cam(model, x)[1] == "CAM"
+    g = grad_cam(model, x)
+    assert g.shape == (3, 8, 8) and g.min() >= 0 and g.max() <= 1
+
+
+def test_activation_analysis_shapes():
+    model = _gap_model()
+    x = torch.rand(4, 1, 8, 8)
+    acts = channel_max_activations(model, x)
+    assert all(v.shape[0] == 4 for v in acts.values())
+    table = activation_ratios(model, x, (x + 0.1).clamp(0, 1))
+    assert list(table["layer index"]) == list(range(len(acts))) and (table["ratio"] > 0).all()
+    assert activation_grid(torch.arange(32.0)).shape == (4, 8)
+    assert activation_grid(torch.arange(2048.0)).shape == (32, 64)
+
+
+def test_region_sparse_raises_accuracy_under_fgsm_on_digits(digits_model, digits_split):
+    from lib.attacks import fgsm
+
+    x, y = digits_split["x_test"][:200], digits_split["y_test"][:200]
+    cfg = RegionSparseConfig(patch_size=3, n_atoms=16, sparsity=1, dict_epochs=2, patches_per_image=40, stride=1,
+                             nlm_template=3, nlm_search=5, bilateral_d=3, bilateral_sigma_space=2.0, loc_scale=0.2)
+    rs = RegionSparse(cfg).fit(digits_split["x_train"][:40], use_cache=False)
+    x_adv = fgsm(digits_model, x, y, eps=0.2)
+    acc = lambda z: 100.0 * float((digits_model(z).argmax(1) == y).float().mean())  # noqa: E731
+    assert acc(rs.purify(x)) >= 85.0                      # clean cost is bounded
+    assert acc(rs.purify(x_adv)) >= acc(x_adv) + 10.0     # and it recovers part of the attacked accuracy
+
+
+def test_bim_schedule_and_mi_fgsm_calibration(digits_model, digits_split):
+    from lib.regionsparse_eval import bim_steps, eliminated_share, mi_fgsm_at_l2
+
+    assert [bim_steps(v) for v in (2, 10, 22)] == [3, 13, 26]      # min(L + 4, ceil(1.25 L))
+    x, y = digits_split["x_test"][:64], digits_split["y_test"][:64]
+    x_adv, eps, got = mi_fgsm_at_l2(digits_model, x, y, 0.1, steps=3, refine=2)
+    assert abs(got - 0.1) < 0.01 and abs(normalized_l2(x, x_adv) - got) < 1e-9
+    assert float((x_adv - x).abs().max()) <= eps + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    share, n = eliminated_share(digits_model, x_adv, x, y)          # "defending" by handing back x undoes all
+    fooled = digits_model(x_adv).argmax(1) != y
+    assert n == int(fooled.sum()) > 0
+    assert share == pytest.approx(100.0 * float((digits_model(x).argmax(1) == y)[fooled].float().mean()))
+
+
+def test_regionsparse_for_reads_the_profile():
+    from lib.defenses.regionsparse import regionsparse_for
+    from lib.profiles import load_profile, notebook_config
+
+    profile = load_profile("smoke")
+    rs = regionsparse_for(profile, "digits")
+    section = notebook_config(profile, "03_regionsparse")["regionsparse"]
+    assert rs.cfg.patch_size == section["patch_size"] and rs.cfg.sparsity == section["sparsity"]
+    assert rs.dictionary.shape == (section["n_atoms"], section["patch_size"] ** 2)
+    x = torch.rand(3, 1, 8, 8)
+    assert rs.purify(x).shape == x.shape
