@@ -36,7 +36,16 @@ def _regionsparse(profile: Mapping[str, Any], dataset: str, classifier: nn.Modul
     return regionsparse_for(profile, dataset)
 
 
-_BUILDERS["regionsparse"] = _regionsparse
+def _sfm(profile: Mapping[str, Any], dataset: str, classifier: nn.Module) -> Defense:
+    """SFM's mask + squeezer in front of `classifier` (notebook 01 evaluates it with SFM's own fine-tuned classifier)."""
+    from lib.defenses.sfm import sfm_for
+    _, defense, meta = sfm_for(profile, dataset, classifier, log=None)
+    defense.train_seconds = meta["train_seconds"]
+    return defense
+
+
+_BUILDERS.update({"sfm": _sfm, "regionsparse": _regionsparse})
+
 
 LABELS = {
     "none": "No defense",
@@ -45,6 +54,7 @@ LABELS = {
     "nlm": "Non-local means",
     "jpeg": "JPEG (q=75)",
     "tvm": "TVM",
+    "sfm": "SFM mask + median 2x2",
     "regionsparse": "RegionSparse (OMP in the object region)",
 }
 
