@@ -19,6 +19,8 @@ ADAPTIVE_NOTES = {
     "full": "exact gradients through the defense",
     "BPDA": "BPDA (identity backward through non-differentiable steps): an approximation, so white-box "
             "accuracy is an upper bound",
+    "BPDA-approx": "BPDA with the defense's own differentiable approximation (e.g. straight-through rounding, "
+                   "exact gradients through its network); white-box accuracy is an upper bound",
 }
 
 

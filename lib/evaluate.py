@@ -167,7 +167,7 @@ def evaluate_threats(classifier: nn.Module, defenses: Mapping[str, Defense], x: 
 
 
 def _gradient_route(defense: Defense, eot_samples: int) -> str:
-    route = "full" if defense.differentiable else "BPDA"
+    route = "full" if defense.differentiable else ("BPDA-approx" if hasattr(defense, "bpda_purify") else "BPDA")
     return f"{route}+EOT-{eot_samples}" if defense.randomized and eot_samples > 1 else route
 
 

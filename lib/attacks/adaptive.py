@@ -110,10 +110,11 @@ def attack_surface(classifier: Model, defense: nn.Module, *, eot_samples: int = 
     """The model a white-box/adaptive attacker differentiates: classifier(defense.purify(x)).
 
     A non-differentiable defense is wrapped in BPDA, whose backward is the gradient of backward_fn (a
-    differentiable approximation of purify; identity when None); a randomised one is wrapped in EOT over
-    eot_samples draws when eot_samples > 1.
+    differentiable approximation of purify: the defense's own `bpda_purify` when it has one, else the
+    identity); a randomised one is wrapped in EOT over eot_samples draws when eot_samples > 1.
     """
     check_positive_int(eot_samples, "eot_samples")
+    backward_fn = backward_fn or getattr(defense, "bpda_purify", None)
     purify = defense.purify if defense.differentiable else bpda(defense.purify, backward_fn)
     surface: nn.Module = _Pipeline(classifier, purify, defense)
     if defense.randomized and eot_samples > 1:

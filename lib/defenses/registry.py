@@ -44,7 +44,14 @@ def _sfm(profile: Mapping[str, Any], dataset: str, classifier: nn.Module) -> Def
     return defense
 
 
-_BUILDERS.update({"sfm": _sfm, "regionsparse": _regionsparse})
+def _reconstruction(profile: Mapping[str, Any], dataset: str, classifier: nn.Module) -> Defense:
+    from lib.defenses.reconstruction import reconstruction_for
+    defense, meta = reconstruction_for(profile, dataset, classifier)
+    defense.train_seconds = meta["train_seconds"]
+    return defense
+
+
+_BUILDERS.update({"sfm": _sfm, "regionsparse": _regionsparse, "reconstruction": _reconstruction})
 
 
 LABELS = {
@@ -56,6 +63,7 @@ LABELS = {
     "tvm": "TVM",
     "sfm": "SFM mask + median 2x2",
     "regionsparse": "RegionSparse (OMP in the object region)",
+    "reconstruction": "Compression + EDSR reconstruction",
 }
 
 

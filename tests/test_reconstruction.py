@@ -1,0 +1,204 @@
+"""Paper 003: pixel-depth compression, the EDSR-style restorer, its eq. (4) training and the defense on digits."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lib.attacks import fgsm
+from lib.data import load_dataset
+from lib.defenses.reconstruction import (
+    BPDAPipeline, EDSRRestorer, PixelDepthCompression, ReconstructionDefense, RestorerConfig,
+    adversarial_training_loss, bim_schedule, clip_to_linf_ball, edsr_parameter_count, lr_factor, quantize,
+    reconstruction_loss, straight_through_quantize, train_restorer, trained_reconstruction,
+)
+from lib.evaluate import accuracy
+from lib.defenses.base import Defended
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path / "cache"))
+
+
+# --------------------------------------------------------------------------- compression
+
+@pytest.mark.parametrize("levels", [2, 3, 4, 8, 17])
+def test_quantize_gives_exactly_k_levels_in_unit_range_and_is_idempotent(levels):
+    ramp = torch.linspace(0, 1, 1001).view(1, 1, 7, 143)
+    q = quantize(ramp, levels)
+    values = torch.unique(q)
+    assert len(values) == levels
+    assert torch.allclose(values, torch.linspace(0, 1, levels))
+    assert torch.equal(quantize(q, levels), q)
+    noisy = torch.rand(4, 3, 9, 9, generator=torch.Generator().manual_seed(0))
+    assert len(torch.unique(quantize(noisy, levels))) <= levels
+
+
+def test_quantize_special_cases():
+    grid = torch.arange(256, dtype=torch.float32).view(1, 1, 16, 16) / 255
+    assert torch.equal(quantize(grid, 256), grid)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x[x == 0.5] = 0.25
+    assert torch.equal(quantize(x, 2), (x > 0.5).float())
+    assert torch.equal(PixelDepthCompression(4).purify(x), quantize(x, 4))
+
+
+@pytest.mark.parametrize("levels", [0, 1, 257, 2.5])
+def test_quantize_rejects_bad_levels(levels):
+    with pytest.raises(ValueError, match="levels"):
+        quantize(torch.rand(1, 1, 4, 4), levels)
+
+
+def test_quantize_rejects_images_outside_unit_range():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        quantize(torch.full((1, 1, 4, 4), 1.5), 4)
+
+
+def test_straight_through_quantize_forward_is_q_backward_is_identity():
+    x = torch.rand(3, 1, 5, 5, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    out = straight_through_quantize(x, 4)
+    assert torch.equal(out.detach(), quantize(x.detach(), 4))
+    w = torch.randn_like(x)
+    (out * w).sum().backward()
+    assert torch.allclose(x.grad, w)
+
+
+# --------------------------------------------------------------------------- restorer and loss
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_restorer_keeps_shape_and_has_no_batchnorm(channels):
+    net = EDSRRestorer(channels, n_feats=8, n_blocks=2)
+    x = torch.rand(2, channels, 12, 12)
+    assert net(x).shape == x.shape
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    assert EDSRRestorer(channels, 8, 1, scale=2)(x).shape == (2, channels, 24, 24)
+
+
+@pytest.mark.parametrize("channels,feats,blocks,scale", [(1, 64, 16, 1), (3, 8, 2, 1), (1, 8, 1, 2), (3, 4, 3, 4)])
+def test_restorer_parameter_count_matches_the_formula(channels, feats, blocks, scale):
+    net = EDSRRestorer(channels, feats, blocks, scale=scale)
+    assert sum(p.numel() for p in net.parameters()) == edsr_parameter_count(channels, feats, blocks, scale)
+
+
+def test_default_restorer_has_about_1_22_million_parameters():
+    # spec §2.3: C=1, F=64, B=16 -> 33 F->F convolutions x 36,928 plus head and tail ~ 1.22 M
+    assert edsr_parameter_count(1, 64, 16) == 33 * 36928 + (9 * 64 + 64) + (9 * 64 + 1)
+    assert 1.21e6 < edsr_parameter_count(1, 64, 16) < 1.23e6
+
+
+def test_restorer_rejects_bad_configuration():
+    with pytest.raises(ValueError, match="scale"):
+        EDSRRestorer(1, 8, 1, scale=3)
+    with pytest.raises(ValueError, match="n_blocks"):
+        EDSRRestorer(1, 8, 0)
+
+
+def test_reconstruction_loss_is_eq_4_on_a_hand_computed_example():
+    out = torch.zeros(2, 1, 2, 2)
+    target = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]).view(2, 1, 2, 2)
+    # per image: 0.5 * (1 + 4) = 2.5 and 0.5 * 9 = 4.5; mean 3.5
+    assert float(reconstruction_loss(out, target)) == pytest.approx(3.5)
+    assert float(reconstruction_loss(out, target)) == pytest.approx(0.5 * 4 * F.mse_loss(out, target, reduction="mean"))
+
+
+def test_lr_schedule_halves_at_half_and_three_quarters():
+    assert [lr_factor(e, 8) for e in range(8)] == [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+
+
+def test_defense_output_keeps_shape_and_range_and_bpda_gives_gradients():
+    torch.manual_seed(0)
+    defense = ReconstructionDefense(EDSRRestorer(1, 8, 1), levels=4).eval()
+    x = torch.rand(3, 1, 8, 8)
+    with torch.no_grad():
+        out = defense.purify(x)
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert not defense.differentiable
+    with torch.no_grad():
+        assert torch.equal(defense.bpda_purify(x), out)
+    x_var = x.clone().requires_grad_(True)
+    defense.purify(x_var).sum().backward()
+    assert float(x_var.grad.abs().sum()) == 0.0          # Q_k blocks gradients ...
+    x_var.grad = None
+    defense.bpda_purify(x_var).sum().backward()
+    assert float(x_var.grad.abs().sum()) > 0.0           # ... which is why BPDA replaces it
+
+
+def test_training_lowers_the_eq_4_loss_on_a_fixed_batch():
+    x = load_dataset("digits", "train", n=64).x
+    x_adv = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    torch.manual_seed(0)
+    net = EDSRRestorer(1, 8, 1)
+    cfg = RestorerConfig(levels=4, n_feats=8, n_blocks=1, epochs=30, batch_size=64, lr=3e-3, p_adv=0.0)
+    with torch.no_grad():
+        before = float(reconstruction_loss(net(quantize(x, 4)), x))
+    history = train_restorer(net, x, x_adv, cfg, device=CPU)
+    with torch.no_grad():
+        after = float(reconstruction_loss(net(quantize(x, 4)), x))
+    assert len(history) == 30 and history[0]["adv_fraction"] == 0.0
+    assert after < 0.5 * before
+    defense = ReconstructionDefense(EDSRRestorer(1, 8, 1), levels=4)
+    assert defense.fit(x, x_adv, RestorerConfig(levels=4, epochs=2, batch_size=32), device=CPU) is defense
+    assert [h["epoch"] for h in defense.history] == [1, 2]
+    with pytest.raises(ValueError, match="levels"):
+        defense.fit(x, x_adv, RestorerConfig(levels=8, epochs=1), device=CPU)
+
+
+# --------------------------------------------------------------------------- attack helpers
+
+@pytest.mark.parametrize("eps,steps,alpha", [(0.3, 80, 1 / 255), (0.15, 42, 1 / 255), (0.05, 15, 1 / 255),
+                                             (0.1, 29, 1 / 255), (0.005, 10, 0.00125), (0.01, 10, 0.0025)])
+def test_bim_schedule_follows_the_spec_rule(eps, steps, alpha):
+    got = bim_schedule(eps)
+    assert got["steps"] == steps and got["alpha"] == pytest.approx(alpha)
+    assert bim_schedule(eps, steps=10) == {"steps": 10, "alpha": pytest.approx(eps / 4)}
+
+
+def test_clip_to_linf_ball_enforces_the_bound():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 1, 6, 6, generator=g)
+    x_adv = torch.rand(4, 1, 6, 6, generator=g)
+    clipped = clip_to_linf_ball(x, x_adv, 0.05)
+    assert float((clipped - x).abs().max()) <= 0.05 + 1e-7
+    assert float(clipped.min()) >= 0 and float(clipped.max()) <= 1
+    small = (x + 0.01).clamp(0, 1)
+    assert torch.equal(clip_to_linf_ball(x, small, 0.05), small)
+
+
+def test_adversarial_training_loss_with_zero_budget_is_the_weighted_clean_loss(digits_batch):
+    x, y = digits_batch
+    x, y = x[:32], y[:32]
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    torch.manual_seed(0)
+    for kind in ("fgsm", "bim"):
+        loss = adversarial_training_loss(kind, sigma=0.0)(model, x, y)
+        expected = (F.cross_entropy(model(x[:16]), y[:16]) + 0.3 * F.cross_entropy(model(x[16:]), y[16:])) / 1.3
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+        loss.backward()
+    with pytest.raises(ValueError, match="adversarial training"):
+        adversarial_training_loss("pgd")
+
+
+# --------------------------------------------------------------------------- end to end on digits
+
+def test_defense_recovers_fgsm_accuracy_on_digits(digits_split, digits_model, digits_batch):
+    """The paper's mechanism: R_θ trained on Q_4(FGSM 0.3) pairs restores accuracy under FGSM 0.2."""
+    data = load_dataset("digits", "train")
+    train = type(data)(digits_split["x_train"], digits_split["y_train"], data.info)
+    cfg = RestorerConfig(levels=4, eps_max=0.3, n_feats=16, n_blocks=2, epochs=25, batch_size=64, lr=2e-3)
+    defense, meta = trained_reconstruction(digits_model, train, cfg, device=CPU)
+    assert not meta["cache_hit"]
+    x, y = digits_batch
+    x_adv = fgsm(digits_model, x, y, eps=0.2)
+    defended = Defended(digits_model, defense).eval()
+    clean, clean_def = accuracy(digits_model, x, y), accuracy(defended, x, y)
+    adv, adv_def = accuracy(digits_model, x_adv, y), accuracy(defended, x_adv, y)
+    assert adv_def - adv >= 15.0, (adv, adv_def)
+    assert clean - clean_def <= 8.0, (clean, clean_def)
+    # a second call loads the same weights from the cache
+    again, meta2 = trained_reconstruction(digits_model, train, cfg, device=CPU)
+    assert meta2["cache_hit"]
+    assert all(torch.equal(a, b) for a, b in zip(defense.state_dict().values(), again.state_dict().values()))
+    # the adaptive (BPDA) pipeline computes the same predictions as the defended model
+    assert torch.equal(BPDAPipeline(digits_model, defense)(x).argmax(1), defended(x).argmax(1))
