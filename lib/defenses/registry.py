@@ -51,7 +51,14 @@ def _reconstruction(profile: Mapping[str, Any], dataset: str, classifier: nn.Mod
     return defense
 
 
-_BUILDERS.update({"sfm": _sfm, "regionsparse": _regionsparse, "reconstruction": _reconstruction})
+def _arn(profile: Mapping[str, Any], dataset: str, classifier: nn.Module) -> Defense:
+    from lib.defenses.arn import arn_for
+    defense, meta = arn_for(profile, dataset, classifier)
+    defense.train_seconds = meta["train_seconds"]
+    return defense
+
+
+_BUILDERS.update({"sfm": _sfm, "regionsparse": _regionsparse, "reconstruction": _reconstruction, "arn": _arn})
 
 
 LABELS = {
@@ -64,6 +71,7 @@ LABELS = {
     "sfm": "SFM mask + median 2x2",
     "regionsparse": "RegionSparse (OMP in the object region)",
     "reconstruction": "Compression + EDSR reconstruction",
+    "arn": "ARN (attack-invariant restoration)",
 }
 
 
