@@ -10,6 +10,7 @@ OMP runs batched over all patches in torch (`batch_omp`), checked against scikit
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping
@@ -375,16 +376,20 @@ class RegionSparse(Defense):
         check_images(images)
 
         def compute() -> dict[str, torch.Tensor]:
-            return {"atoms": torch.from_numpy(learn_dictionary(images, self.cfg))}
+            start = time.perf_counter()
+            atoms = torch.from_numpy(learn_dictionary(images, self.cfg))
+            return {"atoms": atoms, "seconds": torch.tensor(time.perf_counter() - start)}
 
         settings = asdict(self.cfg)
         config = {"cfg": {k: settings[k] for k in _DICTIONARY_FIELDS}, "images": cache.tensor_digest(images)}
         if use_cache:
-            atoms = cache.cached_tensors("regionsparse/dictionary", config, compute,
-                                         code=cache.source_fingerprint([learn_dictionary]))["atoms"]
+            learned = cache.cached_tensors("regionsparse/dictionary", config, compute,
+                                           code=cache.source_fingerprint([learn_dictionary]))
         else:
-            atoms = compute()["atoms"]
-        self._set_dictionary(atoms)
+            learned = compute()
+        self._set_dictionary(learned["atoms"])
+        # seconds of the run that learned the dictionary (NaN for entries cached before timing was recorded)
+        self.train_seconds = float(learned.get("seconds", torch.tensor(float("nan"))))
         return self
 
     def region_masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
