@@ -12,6 +12,7 @@ from typing import Mapping
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
+from torch import nn
 
 from lib.defenses.base import Defense
 
@@ -48,6 +49,25 @@ def defense_costs(defenses: Mapping[str, Defense], x: torch.Tensor, batch_size: 
                      "parameters": sum(p.numel() for p in defense.parameters()),
                      "train_seconds": float(getattr(defense, "train_seconds", 0.0))})
     return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def model_costs(name: str, model: nn.Module, classifier: nn.Module, x: torch.Tensor, train_seconds: float,
+                batch_size: int = 256) -> dict:
+    """defense_costs' row for a defense that replaces the classifier: its extra milliseconds per image over the
+    bare classifier's forward pass, and its parameters beyond the classifier's (0 for a retrained classifier)."""
+    def ms(m: nn.Module) -> float:
+        m(x[:min(len(x), 8)])
+        start = time.perf_counter()
+        for xb in x.split(batch_size):
+            m(xb)
+        return 1000.0 * (time.perf_counter() - start) / len(x)
+
+    own = {id(p) for p in classifier.parameters()}
+    extra = sum(p.numel() for p in model.parameters() if id(p) not in own)
+    shares_classifier = any(id(p) in own for p in model.parameters())
+    return {"defense": name, "purify_ms_per_image": max(ms(model) - ms(classifier), 0.0),
+            "parameters": extra if shares_classifier else 0, "train_seconds": float(train_seconds)}
 
 
 def worst_case(rows: pd.DataFrame) -> pd.DataFrame:

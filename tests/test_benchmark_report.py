@@ -82,17 +82,21 @@ def test_report_follows_the_tables_of_the_run(tmp_path, monkeypatch):
     table = pd.DataFrame({"defense": ["Ours", "FS", "Ours", "FS"], "attack": ["PGD", "PGD", "CW", "CW"],
                           "ours": [60.0, 40.0, 55.0, None], "paper": [70.0, 50.0, 65.0, 45.0]})
     table["diff"] = table.ours - table.paper
+    table["best"] = [True, False, False, False]         # a column the claim does not pair on
     _write_table(tmp_path, "01_sfm_defense", "table2_compare", table)
     claims = pd.DataFrame([{"paper": "sfm", "claim": "Ours beats FS", "table": "table2_compare", "key": "defense",
-                            "better": "Ours", "worse": "FS", "higher_is_better": "true", "filter": ""}])
+                            "better": "Ours", "worse": "FS", "higher_is_better": "true", "filter": "",
+                            "match_on": "attack"}])
     tables = reproduction.comparison_tables("smoke")
     summary = reproduction.agreement_summary(tables)
     assert summary.loc[0, "cells_compared"] == 3 and summary.loc[0, "paper_only"] == 1
     assert summary.loc[0, "mean_abs_diff"] == pytest.approx(10.0)
     checked = reproduction.check_claims(tables, claims)
     assert checked.loc[0, "ours"] == "holds" and checked.loc[0, "in_paper"] == "holds"
+    only_cw = reproduction.check_claims(tables, claims.assign(filter="attack!=PGD"))
+    assert only_cw.loc[0, "ours"] == "not measured" and only_cw.loc[0, "in_paper"] == "holds"   # FS has no CW of ours
     missing = reproduction.not_reproduced(tables)
-    assert list(missing.cell) == ["FS / CW"]
+    assert list(missing.cell) == ["FS / CW / False"]
 
     table.loc[0, "ours"] = 30.0                        # our SFM now loses to FS under PGD
     _write_table(tmp_path, "01_sfm_defense", "table2_compare", table)
