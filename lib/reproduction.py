@@ -79,8 +79,9 @@ def not_reproduced(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
         if len(missing):
             keys = [c for c in table.columns if c not in ("ours", "paper", "diff")]
             parts.append(pd.DataFrame({"paper": NOTEBOOK_PAPERS[nb], "table": name,
-                                       "cell": missing[keys].astype(str).agg(" / ".join, axis=1),
-                                       "paper_value": missing["paper"]}))
+                                       "cell": [" / ".join(str(v) for v in row if pd.notna(v))
+                                                for row in missing[keys].itertuples(index=False)],
+                                       "paper_value": missing["paper"].to_numpy()}))
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["paper", "table", "cell", "paper_value"])
 
 
