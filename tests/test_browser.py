@@ -150,7 +150,8 @@ def test_explorer_runs_in_jupyterlab_and_reacts_to_a_control(jupyter_lab):
             assert explorer.locator("button", has_text="random image").count() == 1
             before = explorer.locator("img.adv-explorer-image").get_attribute("src")
 
-            attack = explorer.locator(".widget-dropdown", has_text="attack").locator("select")
+            # by position (the labels above): a defense option such as "ARN (attack-invariant ...)" also says "attack"
+            attack = explorer.locator(".widget-dropdown").nth(labels.index("attack")).locator("select")
             options = attack.locator("option").all_inner_texts()
             new = next(o for o in options if o != attack.input_value())
             attack.select_option(label=new)
