@@ -105,3 +105,19 @@ def test_report_follows_the_tables_of_the_run(tmp_path, monkeypatch):
     text = reproduction.report_markdown("smoke", reproduction.agreement_summary(tables),
                                         reproduction.check_claims(tables, claims), reproduction.not_reproduced(tables))
     assert "fails" in text and "table2_compare" in text
+
+
+def test_model_costs_count_only_parameters_beyond_the_classifier(digits_model, digits_batch):
+    from torch import nn
+
+    from lib.benchmark import model_costs
+
+    x = digits_batch[0][:16]
+    wrapped = nn.Sequential(nn.Conv2d(1, 1, 1), digits_model)      # a defense that keeps the classifier inside
+    retrained = make_digits_cnn()                                    # a defense that replaces the classifier
+    own = model_costs("wrapped", wrapped, digits_model, x, train_seconds=2.0)
+    assert own["parameters"] == 2 and own["train_seconds"] == 2.0 and own["purify_ms_per_image"] >= 0
+    assert model_costs("retrained", retrained, digits_model, x, train_seconds=1.0)["parameters"] == 0
+    with pytest.raises(ValueError, match="unknown defended model"):
+        from lib.defenses.registry import build_defended_model
+        build_defended_model("magic", profile=load_profile("smoke"), dataset="digits", classifier=digits_model)
