@@ -5,7 +5,7 @@ total activation of a layer (Eq. 7) and its adversarial/benign ratio per layer, 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -29,25 +29,19 @@ def default_layers(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def channel_max_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None = None
-                            ) -> dict[str, torch.Tensor]:
-    """p_l = per-channel global max of each layer's output, (N, C), in forward-execution order.
-
-    A layer with a 2-D output (N, C) (e.g. after global pooling) is returned as it is.
-    """
+def layer_outputs(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None,
+                  record: Callable[[str, torch.Tensor], None]) -> list[str]:
+    """One forward pass of x with `record(name, output)` called for every output of the named layers (default:
+    default_layers); returns the layer names. Hooks are removed even when the forward pass fails."""
     check_images(x)
     layers = list(layers or default_layers(model))
     modules = dict(model.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
         raise ValueError(f"unknown layer(s) {missing}; valid names include {default_layers(model)[:8]}")
-    found: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
-        def fn(_module, _inputs, output):
-            out = output.detach()
-            found[name] = out.flatten(2).amax(2) if out.dim() > 2 else out
-        return fn
+        return lambda _module, _inputs, output: record(name, output.detach())
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
     try:
@@ -55,6 +49,21 @@ def channel_max_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[
     finally:
         for h in handles:
             h.remove()
+    return layers
+
+
+def channel_max_activations(model: nn.Module, x: torch.Tensor, layers: Sequence[str] | None = None
+                            ) -> dict[str, torch.Tensor]:
+    """p_l = per-channel global max of each layer's output, (N, C), in forward-execution order.
+
+    A layer with a 2-D output (N, C) (e.g. after global pooling) is returned as it is.
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        found[name] = out.flatten(2).amax(2) if out.dim() > 2 else out
+
+    layer_outputs(model, x, layers, record)
     return {n: found[n].cpu() for n in found}
 
 

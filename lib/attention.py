@@ -12,7 +12,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.activations import channel_max_activations, default_layers, grad_cam, total_activation
+from lib.activations import channel_max_activations, grad_cam, layer_outputs, total_activation
 from lib.validate import check_images
 from lib.viz import show_image
 from lib.widgets import STYLE, figure_title
@@ -23,26 +23,13 @@ def layer_activation_maps(model: nn.Module, x: torch.Tensor, layers: Sequence[st
                           ) -> dict[str, torch.Tensor]:
     """Channel-mean activation map (N, h, w) of every spatial layer in `layers` (default: the model's ReLU and
     global-pooling modules), in forward order; layers whose output is not (N, C, h, w) with h*w > 1 are left out."""
-    check_images(x)
-    modules = dict(model.named_modules())
-    layers = list(layers or default_layers(model))
-    missing = [n for n in layers if n not in modules]
-    if missing:
-        raise ValueError(f"unknown layer(s) {missing}; valid names include {default_layers(model)[:8]}")
     found: dict[str, torch.Tensor] = {}
 
-    def hook(name: str):
-        def fn(_module, _inputs, output):
-            if output.dim() == 4 and output.shape[-1] * output.shape[-2] > 1 and name not in found:
-                found[name] = output.detach().mean(1).cpu()
-        return fn
+    def record(name: str, out: torch.Tensor) -> None:
+        if out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1 and name not in found:
+            found[name] = out.mean(1).cpu()
 
-    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    layers = layer_outputs(model, x, layers, record)
     if not found:
         raise ValueError(f"none of the layers {layers} has a spatial (N, C, h, w) output with h*w > 1")
     return found

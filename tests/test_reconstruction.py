@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.attacks import fgsm
+from lib.attacks import attack_surface, fgsm
 from lib.data import load_dataset
 from lib.defenses.reconstruction import (
-    BPDAPipeline, EDSRRestorer, PixelDepthCompression, ReconstructionDefense, RestorerConfig,
+    EDSRRestorer, PixelDepthCompression, ReconstructionDefense, RestorerConfig,
     adversarial_training_loss, bim_schedule, clip_to_linf_ball, edsr_parameter_count, lr_factor, quantize,
     reconstruction_loss, straight_through_quantize, train_restorer, trained_reconstruction,
 )
@@ -201,4 +201,4 @@ def test_defense_recovers_fgsm_accuracy_on_digits(digits_split, digits_model, di
     assert meta2["cache_hit"]
     assert all(torch.equal(a, b) for a, b in zip(defense.state_dict().values(), again.state_dict().values()))
     # the adaptive (BPDA) pipeline computes the same predictions as the defended model
-    assert torch.equal(BPDAPipeline(digits_model, defense)(x).argmax(1), defended(x).argmax(1))
+    assert torch.equal(attack_surface(digits_model, defense)(x).argmax(1), defended(x).argmax(1))

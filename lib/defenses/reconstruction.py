@@ -140,7 +140,7 @@ class ReconstructionDefense(Defense):
     """D(x) = clamp(R_θ(Q_k(x)), 0, 1). Q_k is a step function, so `differentiable` is False.
 
     `bpda_purify` is the same forward with a straight-through gradient for Q_k and exact gradients
-    through R_θ: what an adaptive (BPDA) attacker differentiates (spec §7.4).
+    through R_θ: what an adaptive (BPDA) attacker differentiates (spec §7.4); lib.attacks.attack_surface uses it.
     """
 
     differentiable = False
@@ -167,18 +167,6 @@ class ReconstructionDefense(Defense):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}"
-
-
-class BPDAPipeline(nn.Module):
-    """classifier(defense.bpda_purify(x)): the model an adaptive attack on D differentiates."""
-
-    def __init__(self, classifier: nn.Module, defense: ReconstructionDefense):
-        super().__init__()
-        self.classifier = classifier
-        self.defense = defense
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.defense.bpda_purify(x))
 
 
 # --------------------------------------------------------------------------- training R_θ
