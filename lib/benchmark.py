@@ -7,7 +7,7 @@ against robust accuracy).
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -95,34 +95,50 @@ def leaderboard(rows: pd.DataFrame, costs: pd.DataFrame, labels: Mapping[str, st
     return table
 
 
+def defense_styles(defenses: Sequence[str]) -> dict[str, dict]:
+    """A distinct colour and marker per defense, so that a dozen lines or points stay distinguishable."""
+    colours = plt.get_cmap("tab20").colors
+    colours = colours[0::2] + colours[1::2]           # the ten strong shades first, then their light partners
+    markers = "osD^vP*Xh<>p"
+    return {d: {"color": colours[i % len(colours)], "marker": markers[i % len(markers)]}
+            for i, d in enumerate(dict.fromkeys(defenses))}
+
+
 def accuracy_curves(rows: pd.DataFrame, attack: str, title: str, labels: Mapping[str, str] | None = None):
-    """Robust accuracy against epsilon for one attack, one panel per threat model, one line per defense."""
+    """Robust accuracy against epsilon for one attack, one panel per threat model, one line per defense.
+
+    Each line starts at epsilon 0 with the defense's clean accuracy.
+    """
     data = rows[rows.attack == attack]
     threats = list(dict.fromkeys(data.threat))
     if not threats:
         raise ValueError(f"no rows for attack {attack!r}; attacks present: {sorted(set(rows.attack))}")
-    fig, axes = plt.subplots(1, len(threats), figsize=(5.5 * len(threats), 4), sharey=True, squeeze=False)
+    styles = defense_styles(data.defense)
+    fig, axes = plt.subplots(1, len(threats), figsize=(5.0 * len(threats) + 3.0, 4), sharey=True, squeeze=False)
     for ax, threat in zip(axes[0], threats):
         for defense, group in data[data.threat == threat].groupby("defense", sort=False):
             group = group.sort_values("eps")
-            ax.plot(group.eps, group.robust_acc, marker="o", label=(labels or {}).get(defense, defense))
+            eps = [0.0, *group.eps]
+            acc = [group.clean_acc.iloc[0], *group.robust_acc]
+            ax.plot(eps, acc, label=(labels or {}).get(defense, defense), **styles[defense])
         ax.set(xlabel="epsilon (L-inf)", ylabel="robust accuracy (%)", title=f"{title}: {attack}, {threat} box",
                ylim=(-2, 102))
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="upper right")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.tight_layout()
     return fig
 
 
 def clean_vs_robust(board: pd.DataFrame, title: str):
-    """Scatter of clean against worst-case robust accuracy, one labelled point per defense."""
-    fig, ax = plt.subplots(figsize=(6, 5))
+    """Scatter of clean against worst-case robust accuracy, one point per defense, named in the legend."""
+    fig, ax = plt.subplots(figsize=(9, 5))
     names = board["name"] if "name" in board else board["defense"]
-    ax.scatter(board.clean_acc, board.worst_acc)
-    for name, cx, ry in zip(names, board.clean_acc, board.worst_acc):
-        ax.annotate(name, (cx, ry), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    styles = defense_styles(board.defense)
+    for defense, name, cx, ry in zip(board.defense, names, board.clean_acc, board.worst_acc):
+        ax.scatter(cx, ry, s=50, label=f"{name} ({cx:.0f}, {ry:.0f})", **styles[defense])
     ax.set(xlabel="clean accuracy (%)", ylabel="worst-case robust accuracy (%)", title=title,
            xlim=(-2, 102), ylim=(-2, 102))
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="defense (clean, worst)")
     fig.tight_layout()
     return fig

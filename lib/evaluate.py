@@ -21,7 +21,7 @@ from torch import nn
 
 from lib import cache
 from lib.defenses.base import Defense, Defended
-from lib.runtime import get_device
+from lib.runtime import get_device, seeded_rng
 from lib.validate import check_images, check_labels
 
 THREATS = ("black", "gray", "white")
@@ -96,19 +96,23 @@ def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Te
                     use_cache: bool = True) -> tuple[torch.Tensor, float]:
     """Run one attack on `model`; returns (x_adv on x's device, seconds spent).
 
-    When `model` is an nn.Module the result is cached under (attack, parameters, weights, inputs,
-    attack code); a cached set reports the seconds of the run that produced it.
+    The attack's randomness is seeded from (attack, parameters, inputs), so a result is the same whether
+    or not anything ran or was cached before it. When `model` is an nn.Module the result is cached under
+    (attack, parameters, weights, inputs, attack code); a cached set reports the seconds of the run that produced it.
     """
     from lib import attacks
 
+    inputs = cache.tensor_digest(x, y)
+
     def run() -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        x_adv = attacks.generate(spec.name, model, x, y, batch_size=batch_size, **spec.params)
+        with seeded_rng(_seed_of(spec.name, dict(spec.params), inputs), x.device):   # random starts, restarts
+            x_adv = attacks.generate(spec.name, model, x, y, batch_size=batch_size, **spec.params)
         return {"x_adv": x_adv, "seconds": torch.tensor(time.perf_counter() - t0)}
 
     if use_cache and isinstance(model, nn.Module):
         config = {"attack": spec.name, "params": dict(spec.params), "model": model_digest(model),
-                  "inputs": cache.tensor_digest(x, y)}
+                  "inputs": inputs, "rng": "seeded per attack and inputs"}
         out = cache.cached_tensors("adversarial", config, run, code=cache.source_fingerprint([attacks.ATTACKS[spec.name]]))
     else:
         out = run()
@@ -141,29 +145,40 @@ def evaluate_threats(classifier: nn.Module, defenses: Mapping[str, Defense], x: 
     classifier.to(device)
     gray_box_models = dict(gray_box_models or {})
     pipelines = {name: Defended(classifier, d.to(device)).eval() for name, d in defenses.items()}
-    clean = {name: accuracy(p, x, y, batch_size, device) for name, p in pipelines.items()}
+    clean = {}
+    for name, pipeline in pipelines.items():
+        with seeded_rng(_seed_of(name, "clean"), device):
+            clean[name] = accuracy(pipeline, x, y, batch_size, device)
 
     rows: list[dict[str, Any]] = []
-    shared: dict[tuple[int, str], tuple[torch.Tensor, float]] = {}
+    crafted: dict[tuple, tuple[torch.Tensor, float]] = {}   # one run per (attacked model, attack, parameters)
     for threat in threats:
         for spec in attacks:
             for name, defense in defenses.items():
                 if threat == "white":
-                    model = attack_surface(classifier, defense, eot_samples=eot_samples)
-                    gradient = _gradient_route(defense, eot_samples)
-                    x_adv, seconds = adversarial_set(spec, model, x, y, batch_size=batch_size, use_cache=False)
+                    # not cached on disk: a weight digest cannot tell apart parameter-free defenses (JPEG q=75 / q=90)
+                    model, cacheable = attack_surface(classifier, defense, eot_samples=eot_samples), False
+                    gradient, owner = _gradient_route(defense, eot_samples), ("white", name)
                 else:
-                    model = surrogate if threat == "black" else gray_box_models.get(name, classifier)
+                    model, cacheable = (surrogate if threat == "black" else gray_box_models.get(name, classifier)), use_cache
                     gradient = "surrogate" if threat == "black" else ("classifier" if model is classifier else "custom")
-                    key = (id(model), repr(spec))
-                    if key not in shared:
-                        shared[key] = adversarial_set(spec, model, x, y, batch_size=batch_size, use_cache=use_cache)
-                    x_adv, seconds = shared[key]
+                    owner = ("transfer", id(model))
+                key = (*owner, spec.name, repr(sorted(spec.params.items())))
+                if key not in crafted:
+                    crafted[key] = adversarial_set(spec, model, x, y, batch_size=batch_size, use_cache=cacheable)
+                x_adv, seconds = crafted[key]
                 x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
+                with seeded_rng(_seed_of(name, spec.name, dict(spec.params), threat), device):   # randomised defenses
+                    robust = accuracy(pipelines[name], x_adv, y, batch_size, device)
                 rows.append({"threat": threat, "defense": name, "attack": spec.title, "eps": spec.eps, "n": len(y),
-                             "clean_acc": clean[name], "robust_acc": accuracy(pipelines[name], x_adv, y, batch_size, device),
+                             "clean_acc": clean[name], "robust_acc": robust,
                              **perturbation_norms(x, x_adv), "attack_seconds": seconds, "gradient": gradient})
     return pd.DataFrame(rows)
+
+
+def _seed_of(*parts: Any) -> int:
+    """A 32-bit seed determined by `parts` alone."""
+    return int(cache.config_key(list(parts))[:8], 16)
 
 
 def _gradient_route(defense: Defense, eot_samples: int) -> str:

@@ -1,7 +1,9 @@
 """Device choice and seeding, in one place."""
 from __future__ import annotations
 
+import contextlib
 import random
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -23,3 +25,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
+    """Run a block with torch's RNG (CPU, and `device` when it is CUDA) seeded to `seed`, then restore the outer
+    state: the block's randomness no longer depends on what ran before it (e.g. on which results were cached)."""
+    cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield

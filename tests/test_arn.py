@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib.attacks import pgd
+from lib.attacks import attack_surface, pgd
 from lib.defenses.arn import (
-    PRESETS, ARNAutoencoder, AttackDiscriminator, BPDAPipeline, ConvGenerator, ImageDiscriminator, LossWeights,
+    PRESETS, ARNAutoencoder, AttackDiscriminator, ConvGenerator, ImageDiscriminator, LossWeights,
     Purifier, PurifierConfig, PurifierTrainer, attack_discriminator_loss, attack_invariance_loss, build_generator,
     error_rate, generator_adversarial_loss, image_discriminator_loss, kl_normal, loss_weights, pick_targets,
     VARIANTS, arn_for, purifier_jobs, reconstruction_loss, seen_attacks, train_purifier, trained_purifier,
@@ -194,11 +194,11 @@ def test_pick_targets_and_error_rate(digits_model, digits_batch):
     assert error_rate(digits_model, x, y) == pytest.approx(100.0 * float((pred != y).float().mean()))
 
 
-def test_bpda_pipeline_backward_is_identity(digits_model, digits_batch):
+def test_forced_bpda_surface_backward_is_identity(digits_model, digits_batch):
     x = digits_batch[0][:4]
     defense = Purifier(ARNAutoencoder(1, 8, (8, 16, 32), 16)).eval()
     xv = x.clone().requires_grad_(True)
-    BPDAPipeline(digits_model, defense)(xv).sum().backward()
+    attack_surface(digits_model, defense, force_bpda=True)(xv).sum().backward()
     purified = defense.purify(x).detach().requires_grad_(True)
     digits_model(purified).sum().backward()
     assert torch.allclose(xv.grad, purified.grad)

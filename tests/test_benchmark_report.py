@@ -5,7 +5,7 @@ import torch
 
 from lib import reproduction
 from lib.attacks import pgd
-from lib.benchmark import defense_costs, leaderboard, worst_case
+from lib.benchmark import accuracy_curves, clean_vs_robust, defense_costs, defense_styles, leaderboard, worst_case
 from lib.data import ImageData, dataset_info
 from lib.defenses.registry import build_defense, defense_names
 from lib.evaluate import AttackSpec, accuracy, attack_specs, within_l2_budget
@@ -45,6 +45,24 @@ def test_leaderboard_ranks_by_worst_case_over_attacks_and_threats():
     assert board.set_index("defense").loc["a", "worst_attack"] == "PGD (white)"
     assert board.set_index("defense").loc["a", "white_box_gradient"] == "BPDA"
     assert board.set_index("defense").loc["a", "name"] == "Defense A"
+
+
+def test_figures_start_curves_at_clean_accuracy_and_tell_defenses_apart():
+    import matplotlib.pyplot as plt
+
+    styles = defense_styles([f"d{i}" for i in range(12)])
+    assert len({(tuple(s["color"]), s["marker"]) for s in styles.values()}) == 12
+    assert len({tuple(s["color"]) for s in styles.values()}) == 12
+    fig = accuracy_curves(_rows(), "PGD", "t")
+    gray = {line.get_label(): line for line in fig.axes[0].get_lines()}
+    assert list(gray["a"].get_xdata()) == [0.0, 0.1] and list(gray["a"].get_ydata()) == [90.0, 40.0]
+    assert [ax.get_title() for ax in fig.axes] == ["t: PGD, gray box", "t: PGD, white box"]
+    with pytest.raises(ValueError, match="no rows for attack"):
+        accuracy_curves(_rows(), "CW", "t")
+    costs = pd.DataFrame([{"defense": d, "purify_ms_per_image": 0.0, "parameters": 0, "train_seconds": 0.0} for d in "ab"])
+    scatter = clean_vs_robust(leaderboard(_rows(), costs, {"a": "Defense A"}), "t")
+    assert [t.get_text() for t in scatter.axes[0].get_legend().get_texts()] == ["b (80, 25)", "Defense A (90, 10)"]
+    plt.close("all")
 
 
 def test_defense_costs_count_parameters_and_time(digits_batch):

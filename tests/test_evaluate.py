@@ -74,3 +74,45 @@ def test_norms_and_specs():
     assert norms["linf_mean"] == pytest.approx(0.25) and norms["l2_mean"] == pytest.approx(0.25)
     specs = attack_specs([{"name": "pgd", "params": {"eps": 0.1}, "label": "PGD"}, {"name": "deepfool"}])
     assert specs[0].title == "PGD" and specs[0].eps == pytest.approx(0.1) and specs[1].eps is None
+
+
+def test_random_attacks_do_not_depend_on_what_ran_before(digits_model, digits_batch):
+    x, y = digits_batch
+    pgd = AttackSpec("pgd", {"eps": 0.1, "steps": 2}, "PGD")          # random start
+    torch.manual_seed(1)
+    first, _ = adversarial_set(pgd, digits_model, x, y, use_cache=False)
+    after_first = torch.rand(3)
+    torch.manual_seed(2)
+    second, _ = adversarial_set(pgd, digits_model, x, y, use_cache=False)
+    assert torch.equal(first, second)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_first)   # the caller's RNG stream is untouched by the attack
+
+
+class RandomDrop(Defense):
+    """Test-local randomised defense: zeroes a random half of the pixels."""
+
+    randomized = True
+
+    def purify(self, x):
+        return x * (torch.rand_like(x) < 0.5)
+
+
+def test_threat_table_is_reproducible_with_randomised_defenses_and_crafts_each_attack_once(
+        digits_model, digits_batch, monkeypatch):
+    x, y = digits_batch
+    headline, curve_point = AttackSpec("fgsm", {"eps": 0.2}, "FGSM 0.2"), AttackSpec("fgsm", {"eps": 0.2}, "FGSM")
+    torch.manual_seed(3)
+    first = evaluate_threats(digits_model, {"drop": RandomDrop()}, x, y, [headline], device=torch.device("cpu"))
+    import lib.attacks as attacks
+
+    calls = []
+    real = attacks.generate
+    monkeypatch.setattr(attacks, "generate", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    torch.manual_seed(4)
+    second = evaluate_threats(digits_model, {"drop": RandomDrop()}, x, y, [headline, curve_point],
+                              device=torch.device("cpu"), use_cache=False)
+    assert len(calls) == 2                      # gray + white, each once for the two specs with equal parameters
+    cols = ["threat", "clean_acc", "robust_acc"]
+    assert first[cols].equals(second[second.attack == "FGSM 0.2"][cols].reset_index(drop=True))
+    assert second.groupby("threat").robust_acc.nunique().eq(1).all()

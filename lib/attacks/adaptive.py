@@ -106,16 +106,17 @@ class _Pipeline(nn.Module):
 
 
 def attack_surface(classifier: Model, defense: nn.Module, *, eot_samples: int = 1,
-                   backward_fn: Model | None = None) -> nn.Module:
+                   backward_fn: Model | None = None, force_bpda: bool = False) -> nn.Module:
     """The model a white-box/adaptive attacker differentiates: classifier(defense.purify(x)).
 
     A non-differentiable defense is wrapped in BPDA, whose backward is the gradient of backward_fn (a
     differentiable approximation of purify: the defense's own `bpda_purify` when it has one, else the
-    identity); a randomised one is wrapped in EOT over eot_samples draws when eot_samples > 1.
+    identity); force_bpda does so for a differentiable one too (the papers' "BPDA" rows). A randomised
+    defense is wrapped in EOT over eot_samples draws when eot_samples > 1.
     """
     check_positive_int(eot_samples, "eot_samples")
     backward_fn = backward_fn or getattr(defense, "bpda_purify", None)
-    purify = defense.purify if defense.differentiable else bpda(defense.purify, backward_fn)
+    purify = defense.purify if defense.differentiable and not force_bpda else bpda(defense.purify, backward_fn)
     surface: nn.Module = _Pipeline(classifier, purify, defense)
     if defense.randomized and eot_samples > 1:
         surface = EOT(surface, eot_samples)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib import cache
-from lib.attacks.adaptive import bpda
 from lib.defenses.base import Defense
 from lib.runtime import get_device, seed_everything
 from lib.validate import check_images, check_labels, check_positive_int
@@ -554,20 +553,6 @@ def pick_targets(y: torch.Tensor, n_classes: int, seed: int = 0, mode: str = "ra
         raise ValueError(f"mode must be 'random' or 'fixed3', got {mode!r}")
     offset = torch.randint(1, n_classes, y.shape, generator=torch.Generator().manual_seed(seed))
     return (y.cpu() + offset) % n_classes
-
-
-class BPDAPipeline(nn.Module):
-    """classifier(purify(x)) with the identity as purify's backward (BPDA, Athalye et al. 2018), even where purify
-    is differentiable; both parts are registered submodules, so cache keys see the defense's weights."""
-
-    def __init__(self, classifier: nn.Module, defense: Defense):
-        super().__init__()
-        self.classifier = classifier
-        self.defense = defense
-        self._bpda = bpda(defense.purify)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self._bpda(x))
 
 
 def error_rate(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
