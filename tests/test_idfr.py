@@ -253,5 +253,5 @@ def test_paper_long_and_side_by_side_map_eps_by_position():
     clean = side[(side["defense"] == "IDFR(Ours)") & (side["attack"] == "Clean")].iloc[0]
     assert clean["ours"] == 97.0 and clean["paper"] == 91.2
     nrp = side[side["defense"] == "NRP"]
-    assert len(nrp) and not nrp["reproduced"].any() and nrp["paper"].notna().all()
+    assert len(nrp) and not nrp["ran_here"].any() and nrp["paper"].notna().all()
     assert set(side["model"]) == {"VGG16"}

@@ -604,7 +604,7 @@ def paper_long(rows: "pd.DataFrame", model: str, eps_labels: Sequence[str]) -> "
 def side_by_side(ours: "pd.DataFrame", table: str, *, dataset: str | None = None) -> "pd.DataFrame":
     """Ours (paper_long frames) beside lib.reference's idfr `table` (optionally one dataset of it): ours, paper, diff.
 
-    Rows the paper has and we did not run keep the paper's number only (reproduced = False)."""
+    Rows the paper has and we did not run keep the paper's number only (ran_here = False)."""
     from lib.reference import compare, load_reference
 
     ref = load_reference("idfr", table)
@@ -615,7 +615,7 @@ def side_by_side(ours: "pd.DataFrame", table: str, *, dataset: str | None = None
     out = compare(ours, ref, on=keys, value_col="value")
     our_eps = ours.drop_duplicates(keys).set_index(keys)["our_eps"]
     out["our_eps"] = [our_eps.get(tuple(k), float("nan")) for k in out[keys].itertuples(index=False)]
-    out["reproduced"] = out["ours"].notna()
+    out["ran_here"] = out["ours"].notna()
     return out
 
 
