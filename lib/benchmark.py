@@ -96,12 +96,13 @@ def leaderboard(rows: pd.DataFrame, costs: pd.DataFrame, labels: Mapping[str, st
 
 
 def defense_styles(defenses: Sequence[str]) -> dict[str, dict]:
-    """A distinct colour and marker per defense, so that a dozen lines or points stay distinguishable."""
+    """A distinct colour and marker per defense, so that a dozen lines or points stay distinguishable; assigned in
+    sorted name order, so that a defense looks the same in every figure that shows the same defenses."""
     colours = plt.get_cmap("tab20").colors
     colours = colours[0::2] + colours[1::2]           # the ten strong shades first, then their light partners
     markers = "osD^vP*Xh<>p"
     return {d: {"color": colours[i % len(colours)], "marker": markers[i % len(markers)]}
-            for i, d in enumerate(dict.fromkeys(defenses))}
+            for i, d in enumerate(sorted(set(defenses)))}
 
 
 def accuracy_curves(rows: pd.DataFrame, attack: str, title: str, labels: Mapping[str, str] | None = None):

@@ -53,6 +53,7 @@ def test_figures_start_curves_at_clean_accuracy_and_tell_defenses_apart():
     styles = defense_styles([f"d{i}" for i in range(12)])
     assert len({(tuple(s["color"]), s["marker"]) for s in styles.values()}) == 12
     assert len({tuple(s["color"]) for s in styles.values()}) == 12
+    assert defense_styles(["b", "a"]) == defense_styles(["a", "b"])     # the same look in every figure
     fig = accuracy_curves(_rows(), "PGD", "t")
     gray = {line.get_label(): line for line in fig.axes[0].get_lines()}
     assert list(gray["a"].get_xdata()) == [0.0, 0.1] and list(gray["a"].get_ydata()) == [90.0, 40.0]
