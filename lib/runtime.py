@@ -31,7 +31,11 @@ def seed_everything(seed: int) -> None:
 def seeded_rng(seed: int, device: torch.device | None = None) -> Iterator[None]:
     """Run a block with torch's RNG (CPU, and `device` when it is CUDA) seeded to `seed`, then restore the outer
     state: the block's randomness no longer depends on what ran before it (e.g. on which results were cached)."""
-    cuda = [device.index or 0] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
+    cuda = device is not None and device.type == "cuda"
+    index = (torch.cuda.current_device() if device.index is None else device.index) if cuda else None
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        torch.default_generator.manual_seed(seed)   # torch.manual_seed would also reseed CUDA devices not restored here
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)                # this device only
         yield
