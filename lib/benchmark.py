@@ -7,7 +7,7 @@ against robust accuracy).
 from __future__ import annotations
 
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -26,15 +26,20 @@ ADAPTIVE_NOTES = {
 
 
 @torch.no_grad()
-def purification_ms(defense: Defense, x: torch.Tensor, batch_size: int = 256) -> float:
-    """Wall-clock milliseconds per image of defense.purify on x (after one warm-up batch)."""
-    defense.purify(x[:min(len(x), 8)])
+def _ms_per_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, batch_size: int) -> float:
+    """Wall-clock milliseconds per image of fn over x in batches (after one warm-up batch)."""
+    fn(x[:min(len(x), 8)])
     start = time.perf_counter()
     for xb in x.split(batch_size):
-        defense.purify(xb)
+        fn(xb)
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
     return 1000.0 * (time.perf_counter() - start) / len(x)
+
+
+def purification_ms(defense: Defense, x: torch.Tensor, batch_size: int = 256) -> float:
+    """Wall-clock milliseconds per image of defense.purify on x (after one warm-up batch)."""
+    return _ms_per_image(defense.purify, x, batch_size)
 
 
 def defense_costs(defenses: Mapping[str, Defense], x: torch.Tensor, batch_size: int = 256) -> pd.DataFrame:
@@ -56,17 +61,11 @@ def model_costs(name: str, model: nn.Module, classifier: nn.Module, x: torch.Ten
                 batch_size: int = 256) -> dict:
     """defense_costs' row for a defense that replaces the classifier: its extra milliseconds per image over the
     bare classifier's forward pass, and its parameters beyond the classifier's (0 for a retrained classifier)."""
-    def ms(m: nn.Module) -> float:
-        m(x[:min(len(x), 8)])
-        start = time.perf_counter()
-        for xb in x.split(batch_size):
-            m(xb)
-        return 1000.0 * (time.perf_counter() - start) / len(x)
-
     own = {id(p) for p in classifier.parameters()}
     extra = sum(p.numel() for p in model.parameters() if id(p) not in own)
     shares_classifier = any(id(p) in own for p in model.parameters())
-    return {"defense": name, "purify_ms_per_image": max(ms(model) - ms(classifier), 0.0),
+    extra_ms = _ms_per_image(model, x, batch_size) - _ms_per_image(classifier, x, batch_size)
+    return {"defense": name, "purify_ms_per_image": max(extra_ms, 0.0),
             "parameters": extra if shares_classifier else 0, "train_seconds": float(train_seconds)}
 
 
