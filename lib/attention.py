@@ -1,10 +1,11 @@
 """Where a classifier looks, across defenses: per-layer activation maps and statistics of benign, adversarial and
 purified inputs (RegionSparse's activation analysis applied to every defense), Grad-CAM attention, and the fraction
-of attention that stays on the benign attention region. Builds on lib.activations (hooks, Eq. 7, Grad-CAM).
+of attention that stays on the benign attention region. Builds on lib.activations (hooks, Eq. 7, Grad-CAM);
+`activation_case` and `attention_case` are notebooks 06 and 07 on one case of lib.cases.
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -12,10 +13,14 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.activations import channel_max_activations, grad_cam, layer_outputs, total_activation
+from lib.activations import cam_iou, channel_max_activations, grad_cam, layer_outputs, total_activation
+from lib.evaluate import AttackSpec, predict
 from lib.validate import check_images
 from lib.viz import show_image
 from lib.widgets import STYLE, figure_title
+
+if TYPE_CHECKING:
+    from lib.cases import Case
 
 
 @torch.no_grad()
@@ -182,3 +187,60 @@ def retention_figure(table: pd.DataFrame, *, dataset: str, attack: str, eps: flo
     ax.set_title(figure_title("attention retention", dataset, attack, eps), fontsize=STYLE["title_size"])
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- one case of notebooks 06 and 07
+
+def _with_case(frame: pd.DataFrame, case: "Case", spec: AttackSpec) -> pd.DataFrame:
+    """`frame` with the dataset, attack and budget as its first columns."""
+    return pd.concat([pd.DataFrame({"dataset": case.dataset, "attack": spec.title, "eps": spec.eps},
+                                   index=frame.index), frame], axis=1)
+
+
+def activation_case(case: "Case", spec: AttackSpec, *, gamma: float = 0.0, example: int = 0
+                    ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, plt.Figure]]:
+    """Notebook 06 on one case and gray-box attack: (accuracy per input kind, Eq. 7 statistics per kind and layer,
+    {figure name: figure}). Activations are the target classifier's on every input (one model, one set of layers);
+    a purified input's accuracy is its defense's own classifier's."""
+    x, x_adv = case.x, case.adversarial(spec)
+    purified = case.purified(x_adv)
+    inputs = {"benign": x, "adversarial": x_adv, **{f"purified: {case.label(n)}": p for n, p in purified.items()}}
+    scores = [case.accuracy(x), case.accuracy(x_adv), *(case.accuracy(p, n) for n, p in purified.items())]
+    accuracy = _with_case(pd.DataFrame({"input": list(inputs), "accuracy (%)": scores}), case, spec)
+    stats = _with_case(activation_statistics(case.classifier, inputs, gamma=gamma), case, spec)
+    maps = {kind: layer_activation_maps(case.classifier, batch[example:example + 1]) for kind, batch in inputs.items()}
+    title = {"dataset": case.dataset, "attack": spec.title, "eps": spec.eps}
+    figures = {f"activation_maps_{case.dataset}_{spec.name}": activation_maps_figure(maps, example=example, **title),
+               f"activation_ratio_{case.dataset}_{spec.name}": activation_statistics_figure(stats, **title)}
+    return accuracy, stats, figures
+
+
+def attention_case(case: "Case", spec: AttackSpec, *, threshold: float = 0.5, examples: int = 2
+                   ) -> tuple[pd.DataFrame, dict[str, plt.Figure]]:
+    """Notebook 07 on one case and gray-box attack: (retention per defense, {figure name: figure}).
+
+    Grad-CAM maps are the target classifier's on every input (the attacked model, so that every defense is compared
+    with the same benign map); a purified input's accuracy is its defense's own classifier's."""
+    x, y, x_adv = case.x, case.y, case.adversarial(spec)
+    purified = case.purified(x_adv)
+    benign_maps, adv_maps = attention(case.classifier, x), attention(case.classifier, x_adv)
+    purified_maps = {n: attention(case.classifier, p) for n, p in purified.items()}
+    rows = [{"defense": case.label(n),
+             **retention_row(benign_maps, {"adversarial": adv_maps, "purified": maps}, threshold),
+             "IoU purified vs benign": float(cam_iou(benign_maps, maps, threshold).mean()),
+             "empty maps (purified)": int((maps.flatten(1).sum(1) == 0).sum()),
+             "accuracy purified (%)": case.accuracy(purified[n], n), "n": len(y)}
+            for n, maps in purified_maps.items()]
+    table = _with_case(pd.DataFrame(rows), case, spec)
+    k = examples
+    images = {"benign": x[:k].cpu(), "adversarial": x_adv[:k].cpu(),
+              **{case.label(n): p[:k].cpu() for n, p in purified.items()}}
+    maps = {"benign": benign_maps[:k], "adversarial": adv_maps[:k],
+            **{case.label(n): m[:k] for n, m in purified_maps.items()}}
+    names = case.class_names
+    predictions = {kind: [names[int(c)] for c in predict(case.classifier, batch)] for kind, batch in images.items()}
+    title = {"dataset": case.dataset, "attack": spec.title, "eps": spec.eps}
+    figures = {f"gradcam_{case.dataset}_{spec.name}": attention_figure(
+                   images, maps, [f"true {names[int(c)]}" for c in y[:k]], predictions=predictions, **title),
+               f"retention_{case.dataset}_{spec.name}": retention_figure(table, **title)}
+    return table, figures

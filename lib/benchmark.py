@@ -1,8 +1,12 @@
 """Cross-defense benchmark: every defense under the same attacks, summarised as a leaderboard.
 
-The rows come from lib.evaluate.evaluate_threats; this module adds costs (purification time, training
-time, parameters), the worst case over attacks, and the two figures (accuracy against epsilon, clean
-against robust accuracy).
+Every defense comes from `lib.defenses.registry.build` as a `Built` and is evaluated as the defended model
+`built.classifier(built.defense.purify(x))` (lib.evaluate.evaluate_threats, one call per classifier the defenses sit
+in front of). Gray box: adversarial examples crafted on the profile's undefended target classifier, also for the
+defenses with their own classifier (SFM's fine-tuned one, the adversarially trained one, IDFR's feature-restored
+one), whose gray box is thus a transfer from the target. White box: through the whole defended model. This module
+adds costs (purification time, training time, parameters), the worst case over attacks, and the two figures
+(accuracy against epsilon, clean against robust accuracy).
 """
 from __future__ import annotations
 
@@ -14,7 +18,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from lib.defenses.base import Defense
+from lib.data import DatasetUnavailable, load_dataset
+from lib.defenses.base import Built
+from lib.defenses.registry import build
+from lib.evaluate import AttackSpec, attack_specs, evaluate_threats
+from lib.notebook import Run
+from lib.train import trained_classifier
 
 ADAPTIVE_NOTES = {
     "full": "exact gradients through the defense",
@@ -23,6 +32,51 @@ ADAPTIVE_NOTES = {
     "BPDA-approx": "BPDA with the defense's own differentiable approximation (e.g. straight-through rounding, "
                    "exact gradients through its network); white-box accuracy is an upper bound",
 }
+
+
+def evaluate_defenses(defenses: Mapping[str, Built], target: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      attacks: Sequence[AttackSpec], *, threats: Sequence[str] = ("gray", "white"),
+                      eot_samples: int = 1, batch_size: int = 256, device: torch.device | None = None) -> pd.DataFrame:
+    """evaluate_threats' rows for every built defense: defenses sharing a classifier are evaluated together, and a
+    defense whose classifier is not `target` is attacked in the gray box through `target` (a transfer)."""
+    groups: dict[int, list[str]] = {}
+    for name, built in defenses.items():
+        groups.setdefault(id(built.classifier), []).append(name)
+    frames = []
+    for names in groups.values():
+        classifier = defenses[names[0]].classifier
+        gray = None if classifier is target else {name: target for name in names}
+        frames.append(evaluate_threats(classifier, {name: defenses[name].defense for name in names}, x, y, attacks,
+                                       threats=threats, gray_box_models=gray, eot_samples=eot_samples,
+                                       batch_size=batch_size, device=device))
+    return pd.concat(frames, ignore_index=True)
+
+
+def benchmark_dataset(run: Run, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Notebook 09 on one dataset: (every row of evaluate_defenses for the headline and curve attacks, with a dataset
+    column; defense_costs). Each defense of the profile section is built through the registry for the profile's
+    target classifier; one that cannot be built (no settings for this dataset, a missing dataset) is recorded as
+    skipped."""
+    cfg, profile = run.config, run.profile
+    test = load_dataset(dataset, "test", n=cfg["eval_size"], seed=profile["seed"])
+    target, meta = trained_classifier(profile, dataset, "target", device=run.device)
+    defenses: dict[str, Built] = {}
+    for name in cfg["defenses"]:
+        try:
+            defenses[name] = build(name, profile, dataset, target, device=run.device)
+        except (DatasetUnavailable, ValueError) as err:   # ValueError: no settings for this dataset
+            run.skip(f"{name} on {dataset}", str(err))
+    print(f"{dataset}: classifier {meta['test_accuracy']:.1f}% clean; defenses {list(defenses)}")
+    x, y = test.x.to(run.device), test.y.to(run.device)
+    rows = evaluate_defenses(defenses, target, x, y, attack_specs(cfg["attacks"]) + attack_specs(cfg["curve"]),
+                             threats=cfg["threats"], eot_samples=cfg["eot_samples"], device=run.device)
+    rows.insert(0, "dataset", dataset)
+    return rows, defense_costs(defenses, target, x[:cfg["timing_images"]])
+
+
+def headline_rows(rows: pd.DataFrame, attacks: Sequence[AttackSpec]) -> pd.DataFrame:
+    """The rows of the headline `attacks` (the curve's other budgets left out)."""
+    return rows[rows.attack.isin([a.title for a in attacks])]
 
 
 @torch.no_grad()
@@ -37,36 +91,30 @@ def _ms_per_image(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, b
     return 1000.0 * (time.perf_counter() - start) / len(x)
 
 
-def purification_ms(defense: Defense, x: torch.Tensor, batch_size: int = 256) -> float:
-    """Wall-clock milliseconds per image of defense.purify on x (after one warm-up batch)."""
-    return _ms_per_image(defense.purify, x, batch_size)
+def defense_costs(defenses: Mapping[str, Built], target: nn.Module, x: torch.Tensor,
+                  batch_size: int = 256) -> pd.DataFrame:
+    """Per defense: milliseconds per image it adds to the target classifier, learned parameters, training seconds.
 
-
-def defense_costs(defenses: Mapping[str, Defense], x: torch.Tensor, batch_size: int = 256) -> pd.DataFrame:
-    """Per defense: purification ms per image, learned parameters, and training seconds (0 if nothing is learned).
-
-    Training seconds come from the defense's `train_seconds` attribute, which the registry sets from the
-    cache metadata of the run that trained it (a cached defense reports its original training time).
+    Time: `purify`, plus (for a defense with its own classifier) that classifier's forward pass beyond the target's.
+    Parameters: the defense's, plus those of its classifier beyond the target's when that classifier wraps the target
+    (IDFR's feature restorer); a classifier that replaces the target (fine-tuned or retrained) adds none.
+    Training seconds: `Built.meta["train_seconds"]`, of the run that trained it (also on a cache hit).
     """
+    own = {id(p) for p in target.parameters()}
+    bare_ms = None
     rows = []
-    for name, defense in defenses.items():
-        rows.append({"defense": name, "purify_ms_per_image": purification_ms(defense, x, batch_size),
-                     "parameters": sum(p.numel() for p in defense.parameters()),
-                     "train_seconds": float(getattr(defense, "train_seconds", 0.0))})
+    for name, built in defenses.items():
+        ms = _ms_per_image(built.defense.purify, x, batch_size)
+        learned = {id(p): p for p in built.defense.parameters()}
+        if built.classifier is not target:
+            bare_ms = _ms_per_image(target, x, batch_size) if bare_ms is None else bare_ms
+            ms += max(_ms_per_image(built.classifier, x, batch_size) - bare_ms, 0.0)
+            if any(id(p) in own for p in built.classifier.parameters()):
+                learned.update({id(p): p for p in built.classifier.parameters()})
+        rows.append({"defense": name, "purify_ms_per_image": ms,
+                     "parameters": sum(p.numel() for i, p in learned.items() if i not in own),
+                     "train_seconds": float(built.meta["train_seconds"])})
     return pd.DataFrame(rows)
-
-
-@torch.no_grad()
-def model_costs(name: str, model: nn.Module, classifier: nn.Module, x: torch.Tensor, train_seconds: float,
-                batch_size: int = 256) -> dict:
-    """defense_costs' row for a defense that replaces the classifier: its extra milliseconds per image over the
-    bare classifier's forward pass, and its parameters beyond the classifier's (0 for a retrained classifier)."""
-    own = {id(p) for p in classifier.parameters()}
-    extra = sum(p.numel() for p in model.parameters() if id(p) not in own)
-    shares_classifier = any(id(p) in own for p in model.parameters())
-    extra_ms = _ms_per_image(model, x, batch_size) - _ms_per_image(classifier, x, batch_size)
-    return {"defense": name, "purify_ms_per_image": max(extra_ms, 0.0),
-            "parameters": extra if shares_classifier else 0, "train_seconds": float(train_seconds)}
 
 
 def worst_case(rows: pd.DataFrame) -> pd.DataFrame:
@@ -92,6 +140,23 @@ def leaderboard(rows: pd.DataFrame, costs: pd.DataFrame, labels: Mapping[str, st
     if labels:
         table.insert(1, "name", table["defense"].map(lambda d: labels.get(d, d)))
     return table
+
+
+def leaderboard_notes(board: pd.DataFrame) -> str:
+    """Markdown under a leaderboard: what each white-box gradient route means, and the defenses whose adaptive attack
+    found fewer errors than the gray-box transfer (a sign of obfuscated gradients)."""
+    lines = []
+    for route in sorted(set(board.white_box_gradient.dropna())):
+        key = route.split("+")[0]
+        lines.append(f"* `{route}`: {ADAPTIVE_NOTES.get(key, key)}")
+    if {"worst_white", "worst_gray"} <= set(board.columns):
+        masked = board[board.worst_white > board.worst_gray]
+        if len(masked):
+            names = masked["name"] if "name" in masked else masked["defense"]
+            lines.append("\nAdaptive attacks found fewer errors than transfer from the bare classifier against "
+                         + ", ".join(names) + ": a sign of obfuscated gradients (Athalye et al. 2018). "
+                         "The worst case above already takes the gray-box number for them.")
+    return "\n".join(lines)
 
 
 def defense_styles(defenses: Sequence[str]) -> dict[str, dict]:

@@ -62,6 +62,15 @@ def within_l2_budget(x: torch.Tensor, x_adv: torch.Tensor, budget: float | None)
 
 
 @torch.no_grad()
+def in_batches(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_size: int = 256,
+               device: torch.device | None = None) -> torch.Tensor:
+    """fn over aligned mini-batches of `tensors` (moved to `device` when given), without gradients; the
+    concatenated result on CPU. The one batch-apply helper: purification, masks, features at bounded memory."""
+    chunks = zip(*(t.split(batch_size) for t in tensors))
+    return torch.cat([fn(*(c.to(device) if device is not None else c for c in chunk)).cpu() for chunk in chunks])
+
+
+@torch.no_grad()
 def predict(model: Model, x: torch.Tensor, batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
     """Predicted labels (on CPU) for a [0, 1] batch, evaluated in mini-batches."""
     device = device or _device_of(model)
@@ -182,7 +191,7 @@ def _seed_of(*parts: Any) -> int:
 
 
 def _gradient_route(defense: Defense, eot_samples: int) -> str:
-    route = "full" if defense.differentiable else ("BPDA-approx" if hasattr(defense, "bpda_purify") else "BPDA")
+    route = "full" if defense.differentiable else ("BPDA-approx" if defense.bpda_purify is not None else "BPDA")
     return f"{route}+EOT-{eot_samples}" if defense.randomized and eot_samples > 1 else route
 
 

@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 
 import pandas as pd
 
-from lib.cache import atomic_write_text
+from lib.cache import atomic_write_bytes, atomic_write_text
 from lib.data import REPO_ROOT
 
 SKIPS_FILE = "skipped.json"
@@ -53,10 +53,14 @@ def save_table(df: pd.DataFrame, name: str, out_dir: Path, *, caption: str | Non
 def save_figure(fig, name: str, out_dir: Path, dpi: int = 120) -> Path:
     """Save a matplotlib figure as figures/<name>.png (atomically)."""
     path = Path(out_dir) / "figures" / f"{name}.png"
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    os.replace(tmp, path)
+    atomic_write_bytes(_png_bytes(fig, dpi), path)
     return path
+
+
+def _png_bytes(fig, dpi: int) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
 
 
 def mark_best(df: pd.DataFrame, column: str, *, higher_is_better: bool = True,

@@ -1,88 +1,187 @@
-"""The reproduction report: every ours-vs-paper table a run wrote, summarised, and the papers' headline claims checked.
+"""The reproduction report: the ours-vs-paper tables of this run, agreement over like-for-like cells, stand-in
+comparisons listed apart, and the papers' headline claims checked.
 
-Paper notebooks save comparison tables: key columns, then `ours` and the paper's value (`paper`, or
-`paper (<dataset>, other dataset)` when our dataset is not the paper's), usually with `diff`.
-This module finds them under results/<profile>/, measures agreement per table, and evaluates each headline
-claim of lib/reference/headline_claims.csv (its `table` is a glob over table names, one verdict per match) on
-our numbers and, as a control, on the paper's.
+Paper notebooks save comparison tables made by lib.reference.beside_paper: key columns, then `ours` and the
+paper's value. A like-for-like table (our run used the paper's dataset, model and budget) has the columns
+`ours`, `paper`, `diff`; a stand-in comparison (another dataset, model or budget) has `ours` and
+`paper (<paper setting>; ours <our setting>)` and no `diff`. Only like-for-like cells count towards agreement;
+stand-in tables are listed apart with their cell counts and no gap.
+
+Only tables of the current run are read: a notebook's tables count when its status.json (written by lib.runner)
+says `ok` and, when ADV_RUN_ID is set (the runner sets it for every kernel), names the current run. Without
+ADV_RUN_ID (interactive use) the latest finished run of each notebook counts. Notebooks that failed, did not run
+in this run or never finished are listed in the report with the reason.
+
+Each headline claim of lib/reference/headline_claims.csv (its `table` is a glob over table names, one verdict per
+match) is evaluated on our numbers and, as a control, on the paper's, on both kinds of table (a column says which).
 """
 from __future__ import annotations
 
 import fnmatch
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from lib import report
+from lib.cache import atomic_write_text
+from lib.runner import RUN_ID_ENV, read_status
 
 CLAIMS_FILE = Path(__file__).resolve().parent / "reference" / "headline_claims.csv"
 NOTEBOOK_PAPERS = {"01_sfm_defense": "sfm", "02_idfr": "idfr", "03_regionsparse": "regionsparse",
                    "04_image_reconstruction": "reconstruction", "05_attack_invariant_arn": "arn"}
 CLOSE = 5.0  # points: a cell "agrees" when |ours - paper| is at most this
+LIKE_FOR_LIKE, STAND_IN = "like for like", "stand-in"
+REPORT_FILE = "REPORT.md"
 
 
-def paper_column(table: pd.DataFrame) -> str | None:
-    """The column holding the paper's numbers: `paper`, else the first one named `paper (...)`."""
-    if "paper" in table.columns:
-        return "paper"
-    return next((c for c in table.columns if str(c).startswith("paper (")), None)
+def paper_columns(table: pd.DataFrame) -> list[str]:
+    """The columns holding the paper's numbers: `paper` and every `paper (...)` (a table over several of our
+    datasets has one stand-in column per dataset)."""
+    return [c for c in table.columns if c == "paper" or str(c).startswith("paper (")]
 
 
-def comparison_tables(profile: str) -> dict[tuple[str, str], pd.DataFrame]:
-    """{(notebook, table name): table} for every saved table with `ours` and a paper column in this run.
+def comparison_kind(column: str) -> str:
+    """LIKE_FOR_LIKE for the plain `paper` column, STAND_IN for a labelled `paper (<setting>...)` one."""
+    return LIKE_FOR_LIKE if column == "paper" else STAND_IN
 
-    The paper column is renamed `paper`; `other_dataset` in table.attrs says it is from another dataset.
+
+def current_run_id() -> str | None:
+    """The run id lib.runner exported to this kernel, or None in interactive use."""
+    return os.environ.get(RUN_ID_ENV) or None
+
+
+def notebook_states(profile: str, run_id: str | None = None,
+                    notebooks: tuple[str, ...] = tuple(NOTEBOOK_PAPERS)) -> pd.DataFrame:
+    """One row per paper notebook: whether its tables are read (`read`) in this report, and if not, why.
+
+    `run_id` is the current run (default: ADV_RUN_ID; None reads the latest finished run of each notebook).
     """
+    run_id = current_run_id() if run_id is None else run_id
+    rows = []
+    for notebook in notebooks:
+        status = read_status(report.results_root() / profile / notebook)
+        if status is None:
+            state, reason = "not run", "no status.json: the notebook never finished a run of lib.runner"
+        elif run_id and status.get("run_id") != run_id:
+            state, reason = "not run", f"not in this run (its latest finished run is {status.get('run_id')})"
+        elif status.get("status") != "ok":
+            state, reason = "failed", status.get("error") or "the notebook failed"
+        else:
+            state, reason = "read", ""
+        rows.append({"notebook": notebook, "paper": NOTEBOOK_PAPERS.get(notebook, ""), "state": state,
+                     "run_id": (status or {}).get("run_id", ""), "finished_utc": (status or {}).get("finished_utc", ""),
+                     "reason": reason})
+    return pd.DataFrame(rows, columns=["notebook", "paper", "state", "run_id", "finished_utc", "reason"])
+
+
+def comparison_tables(profile: str, run_id: str | None = None) -> dict[tuple[str, str], pd.DataFrame]:
+    """{(notebook, table name): table} for every saved table with `ours` and a paper column, from the notebooks
+    whose state in `notebook_states(profile, run_id)` is `read`.
+
+    The paper column is renamed `paper`; table.attrs keeps its original name (`paper_column`) and the kind of
+    comparison (`kind`: LIKE_FOR_LIKE or STAND_IN). A table with several paper columns gives one comparison per
+    column (its rows with a number in that column), named `<table> [<column>]`.
+    """
+    states = notebook_states(profile, run_id)
     root = report.results_root() / profile
     found = {}
-    for notebook in NOTEBOOK_PAPERS:
+    for notebook in states.loc[states["state"] == "read", "notebook"]:
         for path in sorted((root / notebook / "tables").glob("*.csv")):
             table = pd.read_csv(path)
-            column = paper_column(table)
-            if "ours" in table.columns and column is not None:
-                table = table.rename(columns={column: "paper"})
-                table.attrs["paper_column"] = column
-                found[(notebook, path.stem)] = table
+            columns = paper_columns(table)
+            if "ours" not in table.columns:
+                continue
+            for column in columns:
+                part = table if len(columns) == 1 else table[table[column].notna()]
+                part = part.drop(columns=[c for c in columns if c != column]).rename(columns={column: "paper"})
+                part.attrs.update(paper_column=column, kind=comparison_kind(column))
+                found[(notebook, path.stem if len(columns) == 1 else f"{path.stem} [{column}]")] = part
     return found
 
 
-def agreement(table: pd.DataFrame) -> dict[str, float | int | str]:
-    """Cells compared, reproduced-only / paper-only cells, mean and max |ours - paper|, share within CLOSE points."""
+def _split(tables: dict[tuple[str, str], pd.DataFrame], kind: str) -> dict[tuple[str, str], pd.DataFrame]:
+    return {key: t for key, t in tables.items() if t.attrs.get("kind", LIKE_FOR_LIKE) == kind}
+
+
+def _cells(table: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """(ours, paper, both present) as numbers."""
     ours = pd.to_numeric(table["ours"], errors="coerce")
     paper = pd.to_numeric(table["paper"], errors="coerce")
-    both = ours.notna() & paper.notna()
-    gap = (ours[both] - paper[both]).abs()
-    return {"paper_column": table.attrs.get("paper_column", "paper"),
-            "cells_compared": int(both.sum()), "ours_only": int((ours.notna() & paper.isna()).sum()),
-            "paper_only": int((paper.notna() & ours.isna()).sum()),
-            "mean_abs_diff": float(gap.mean()) if len(gap) else np.nan,
-            "max_abs_diff": float(gap.max()) if len(gap) else np.nan,
-            "share_within_5": float((gap <= CLOSE).mean()) if len(gap) else np.nan}
+    return ours, paper, ours.notna() & paper.notna()
+
+
+def _counts(table: pd.DataFrame) -> dict[str, int]:
+    ours, paper, both = _cells(table)
+    return {"cells_compared": int(both.sum()), "ours_only": int((ours.notna() & paper.isna()).sum()),
+            "paper_only": int((paper.notna() & ours.isna()).sum())}
+
+
+def _gaps(frames: list[pd.DataFrame]) -> dict[str, float]:
+    """Mean and max |ours - paper| and the share within CLOSE points, over the cells of all `frames`."""
+    gap = pd.concat([(o[b] - p[b]).abs() for o, p, b in map(_cells, frames)] or [pd.Series(dtype=float)])
+    if not len(gap):
+        return {"mean_abs_diff": np.nan, "max_abs_diff": np.nan, "share_within_5": np.nan}
+    return {"mean_abs_diff": float(gap.mean()), "max_abs_diff": float(gap.max()),
+            "share_within_5": float((gap <= CLOSE).mean())}
+
+
+def agreement(table: pd.DataFrame) -> dict[str, float | int | str]:
+    """Cells compared, reproduced-only / paper-only cells, mean and max |ours - paper|, share within CLOSE points
+    (for a like-for-like table; a stand-in's gaps are no measure of agreement)."""
+    return {"paper_column": table.attrs.get("paper_column", "paper"), **_counts(table), **_gaps([table])}
+
+
+AGREEMENT_COLUMNS = ["paper", "notebook", "table", "paper_column", "cells_compared", "ours_only", "paper_only",
+                     "mean_abs_diff", "max_abs_diff", "share_within_5"]
+STAND_IN_COLUMNS = ["paper", "notebook", "table", "paper_column", "cells_compared", "ours_only", "paper_only"]
 
 
 def agreement_summary(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
-    """One row per comparison table."""
+    """One row per like-for-like comparison table, with its agreement (stand-in tables are left out)."""
     rows = [{"paper": NOTEBOOK_PAPERS[nb], "notebook": nb, "table": name, **agreement(t)}
-            for (nb, name), t in tables.items()]
-    columns = ["paper", "notebook", "table", "paper_column", "cells_compared", "ours_only", "paper_only",
-               "mean_abs_diff", "max_abs_diff", "share_within_5"]
-    return pd.DataFrame(rows, columns=columns)
+            for (nb, name), t in _split(tables, LIKE_FOR_LIKE).items()]
+    return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
+
+
+def overall_agreement(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
+    """One row per paper and one `all` row: agreement over every like-for-like cell (each cell weighs the same)."""
+    like = _split(tables, LIKE_FOR_LIKE)
+    groups = {paper: [t for (nb, _), t in like.items() if NOTEBOOK_PAPERS[nb] == paper]
+              for paper in dict.fromkeys(NOTEBOOK_PAPERS[nb] for nb, _ in like)}
+    groups["all"] = list(like.values())
+    rows = [{"paper": paper, "tables": len(frames),
+             **{k: sum(_counts(t)[k] for t in frames) for k in ("cells_compared", "ours_only", "paper_only")},
+             **_gaps(frames)} for paper, frames in groups.items()]
+    return pd.DataFrame(rows, columns=["paper", "tables", "cells_compared", "ours_only", "paper_only",
+                                       "mean_abs_diff", "max_abs_diff", "share_within_5"])
+
+
+def stand_in_summary(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
+    """One row per stand-in comparison table: what the paper column compares with, and cell counts (no gaps)."""
+    rows = [{"paper": NOTEBOOK_PAPERS[nb], "notebook": nb, "table": name,
+             "paper_column": t.attrs.get("paper_column", ""), **_counts(t)}
+            for (nb, name), t in _split(tables, STAND_IN).items()]
+    return pd.DataFrame(rows, columns=STAND_IN_COLUMNS)
 
 
 def not_reproduced(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
-    """Every cell the paper reports and this run did not produce, with the row's keys."""
+    """Every cell the paper reports and this run did not produce, with the row's keys and the table's kind."""
     parts = []
     for (nb, name), table in tables.items():
-        missing = table[pd.to_numeric(table["paper"], errors="coerce").notna()
-                        & pd.to_numeric(table["ours"], errors="coerce").isna()]
+        ours, paper, _ = _cells(table)
+        missing = table[paper.notna() & ours.isna()]
         if len(missing):
             keys = [c for c in table.columns if c not in ("ours", "paper", "diff")]
             parts.append(pd.DataFrame({"paper": NOTEBOOK_PAPERS[nb], "table": name,
+                                       "comparison": table.attrs.get("kind", LIKE_FOR_LIKE),
                                        "cell": [" / ".join(str(v) for v in row if pd.notna(v))
                                                 for row in missing[keys].itertuples(index=False)],
                                        "paper_value": missing["paper"].to_numpy()}))
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=["paper", "table", "cell", "paper_value"])
+    columns = ["paper", "table", "comparison", "cell", "paper_value"]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
 
 
 def load_claims(path: Path = CLAIMS_FILE) -> pd.DataFrame:
@@ -124,29 +223,108 @@ def _claim_holds(table: pd.DataFrame, claim: pd.Series, column: str) -> tuple[st
 
 
 def check_claims(tables: dict[tuple[str, str], pd.DataFrame], claims: pd.DataFrame) -> pd.DataFrame:
-    """Each claim evaluated on every matching table, on our numbers and on the paper's (the control)."""
+    """Each claim evaluated on every matching table (like for like or stand-in, as the `comparison` column says),
+    on our numbers and on the paper's (the control)."""
     rows = []
     for _, claim in claims.iterrows():
         matches = {name: t for (nb, name), t in tables.items()
                    if NOTEBOOK_PAPERS[nb] == claim["paper"] and fnmatch.fnmatch(name, claim["table"])}
-        if not matches:
-            missing = ("not measured", f"no table matching {claim['table']!r} was written in this run")
-            matches = {claim["table"]: None}
-        for name, table in matches.items():
+        missing = ("not measured", f"no table matching {claim['table']!r} was written in this run")
+        for name, table in (matches or {claim["table"]: None}).items():
             ours, paper = (missing, missing) if table is None else (
                 _claim_holds(table, claim, "ours"), _claim_holds(table, claim, "paper"))
-            rows.append({"paper": claim["paper"], "claim": claim["claim"], "table": name, "ours": ours[0],
-                         "ours_detail": ours[1], "in_paper": paper[0], "paper_detail": paper[1]})
-    return pd.DataFrame(rows, columns=["paper", "claim", "table", "ours", "ours_detail", "in_paper", "paper_detail"])
+            rows.append({"paper": claim["paper"], "claim": claim["claim"], "table": name,
+                         "comparison": "" if table is None else table.attrs.get("kind", LIKE_FOR_LIKE),
+                         "ours": ours[0], "ours_detail": ours[1], "in_paper": paper[0], "paper_detail": paper[1]})
+    return pd.DataFrame(rows, columns=["paper", "claim", "table", "comparison", "ours", "ours_detail", "in_paper",
+                                       "paper_detail"])
 
 
-def report_markdown(profile: str, summary: pd.DataFrame, claims: pd.DataFrame, missing: pd.DataFrame) -> str:
-    """REPORT.md: agreement per table, claims, and what was not reproduced."""
+def recorded_skips(profile: str, states: pd.DataFrame) -> pd.DataFrame:
+    """The parts the notebooks of this run recorded as skipped (read or failed notebooks), with the reasons."""
+    ran = states.loc[states["state"] != "not run", "notebook"]
+    rows = [{"notebook": nb, "what": s["what"], "reason": " ".join(str(s["reason"]).split())}
+            for nb in ran for s in report.read_skips(report.results_root() / profile / nb)]
+    return pd.DataFrame(rows, columns=["notebook", "what", "reason"])
+
+
+@dataclass
+class Report:
+    """The pieces of REPORT.md, for display: each a table, plus the Markdown text and where it was written."""
+
+    notebooks: pd.DataFrame
+    overall: pd.DataFrame
+    agreement: pd.DataFrame
+    stand_ins: pd.DataFrame
+    claims: pd.DataFrame
+    missing: pd.DataFrame
+    skips: pd.DataFrame
+    markdown: str
+    path: Path
+
+
+def _section(title: str, table: pd.DataFrame, empty: str, note: str = "") -> list[str]:
+    return [f"\n## {title}\n", *([note + "\n"] if note else []), report.to_markdown(table) if len(table) else empty]
+
+
+def report_markdown(profile: str, summary: pd.DataFrame, claims: pd.DataFrame, missing: pd.DataFrame, *,
+                    overall: pd.DataFrame | None = None, stand_ins: pd.DataFrame | None = None,
+                    notebooks: pd.DataFrame | None = None, skips: pd.DataFrame | None = None,
+                    run_id: str | None = None) -> str:
+    """REPORT.md: which notebooks were read, agreement over like-for-like tables, the stand-in comparisons apart,
+    claims, what was not reproduced, and the skips the notebooks recorded."""
+    run = f"run `{run_id}`" if run_id else "the latest finished run of each notebook"
     parts = [f"# Reproduction report ({profile} profile)\n",
-             "Generated by notebooks/10_reproduction_report.ipynb from the tables this run wrote; the papers' numbers "
-             "come from lib/reference/. `share_within_5` is the share of cells where |ours - paper| <= 5 points.\n",
-             "## Agreement per table\n", report.to_markdown(summary) if len(summary) else "_no comparison tables found_",
-             "\n## Headline claims\n", report.to_markdown(claims) if len(claims) else "_no claims_",
-             "\n## Not reproduced (paper value shown, no number of ours)\n",
-             report.to_markdown(missing) if len(missing) else "_every paper cell has a number of ours_"]
+             (f"Generated by notebooks/10_reproduction_report.ipynb from the tables written by {run}; the papers' "
+             "numbers come from lib/reference/. Agreement counts like-for-like cells only (our run used the paper's "
+             f"dataset, model and budget); `share_within_5` is the share of them where |ours - paper| <= {CLOSE:g} "
+             "points. Comparisons on another dataset, model or budget are listed apart and are not agreement.")]
+    if notebooks is not None:
+        unread = notebooks[notebooks["state"] != "read"]
+        parts += _section("Paper notebooks not read", unread[["notebook", "state", "reason"]],
+                          "_every paper notebook finished ok in this run_",
+                          "Their tables (if any are left from earlier runs) are not part of this report.")
+    if overall is not None:
+        parts += _section("Agreement overall (like-for-like cells)", overall, "_no like-for-like cells_")
+    parts += _section("Agreement per table (like for like)", summary, "_no like-for-like comparison tables found_")
+    if stand_ins is not None:
+        parts += _section("Compared on another dataset/model: not agreement", stand_ins,
+                          "_no stand-in comparisons_",
+                          "The paper column names the paper's setting and ours; the gap between the two numbers "
+                          "measures the change of setting as much as the reproduction, so it is not scored.")
+    parts += _section("Headline claims", claims, "_no claims_",
+                      "`comparison` says whether the table compares like for like or is a stand-in.")
+    parts += _section("Not reproduced (paper value shown, no number of ours)", missing,
+                      "_every paper cell has a number of ours_")
+    if skips is not None:
+        parts += _section("Skips recorded by the notebooks", skips, "_none_")
     return "\n".join(parts) + "\n"
+
+
+def write_report(profile: str, out: Path | None = None, *, run_id: str | None = None,
+                 claims: pd.DataFrame | None = None) -> Report:
+    """Build the report of this run (`run_id`, default ADV_RUN_ID), save its tables under `out` (notebook 10's
+    results folder) when given, write results/<profile>/REPORT.md, and return the pieces."""
+    run_id = current_run_id() if run_id is None else run_id
+    states = notebook_states(profile, run_id)
+    tables = comparison_tables(profile, run_id)
+    pieces = {"notebooks": states, "overall": overall_agreement(tables), "agreement": agreement_summary(tables),
+              "stand_ins": stand_in_summary(tables),
+              "claims": check_claims(tables, load_claims() if claims is None else claims),
+              "missing": not_reproduced(tables), "skips": recorded_skips(profile, states)}
+    captions = {"notebooks": "Paper notebooks and whether this report reads their tables",
+                "overall": "Agreement over like-for-like cells, per paper and overall",
+                "agreement": "Ours vs paper, per like-for-like table",
+                "stand_ins": "Stand-in comparisons (another dataset/model/budget): not agreement",
+                "claims": "Headline claims on our numbers and on the paper's",
+                "missing": "Paper cells without a number of ours", "skips": "Skips recorded by the notebooks"}
+    names = {"agreement": "agreement", "missing": "not_reproduced", "stand_ins": "stand_in_comparisons"}
+    if out is not None:
+        for key, table in pieces.items():
+            report.save_table(table, names.get(key, key), out, caption=captions[key])
+    text = report_markdown(profile, pieces["agreement"], pieces["claims"], pieces["missing"],
+                           overall=pieces["overall"], stand_ins=pieces["stand_ins"], notebooks=states,
+                           skips=pieces["skips"], run_id=run_id)
+    path = report.results_root() / profile / REPORT_FILE
+    atomic_write_text(text, path)
+    return Report(**pieces, markdown=text, path=path)

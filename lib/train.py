@@ -6,11 +6,12 @@ re-run with nothing changed loads it in seconds; an interrupted run resumes from
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,58 +68,150 @@ def augment_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out)
 
 
-def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer `cfg` names, over the trainable parameters of `model`."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+LRFactor = Callable[[int, int], float]
+
+
+def cosine_lr(epoch: int, epochs: int) -> float:
+    """Cosine decay from 1 at the first epoch towards 0."""
+    return 0.5 * (1 + math.cos(math.pi * epoch / epochs))
+
+
+def constant_lr(epoch: int, epochs: int) -> float:
+    """No decay."""
+    return 1.0
+
+
+def descend(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> float:
+    """One optimizer step on `loss` (zero grads, backward, step); returns the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def tensor_batches(*tensors: torch.Tensor, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Aligned mini-batches of `tensors` in an order shuffled deterministically from `seed`."""
+    order = torch.randperm(len(tensors[0]), generator=torch.Generator().manual_seed(seed))
+    for idx in order.split(batch_size):
+        yield tuple(t[idx] for t in tensors)
+
+
+Step = Callable[..., Mapping[str, float]]
+
+
+def fit(step: Step, batches: Callable[[int], Iterable[Sequence[torch.Tensor]]], *, epochs: int,
+        modules: Mapping[str, nn.Module], optimizers: Mapping[str, torch.optim.Optimizer],
+        lr_factor: LRFactor | Mapping[str, LRFactor] = cosine_lr, seed: int = 0, device: torch.device | None = None,
+        checkpoint: Path | None = None, desc: str = "train",
+        epoch_end: Callable[[int], Mapping[str, Any]] | None = None) -> list[dict]:
+    """The one training loop of the project; returns the per-epoch history.
+
+    Each epoch sets every optimizer's learning rate to its initial value times `lr_factor(epoch, epochs)` (one
+    schedule for all, or {optimizer name: schedule}), seeds
+    the global RNGs from (seed, epoch), puts `modules` in train mode and calls `step(*batch)` on each batch of
+    `batches(epoch)` (moved to `device`); `step` takes its own optimizer steps (see `descend`) and returns named
+    losses, averaged over the epoch weighted by batch size. `epoch_end(epoch)` may add entries to the history.
+    With `checkpoint`, modules, optimizers and history are saved atomically after each epoch and a run finding
+    the file resumes from it. Modules end in eval mode.
+    """
+    device = device or get_device()
+    for module in modules.values():
+        module.to(device)
+    for opt in optimizers.values():
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    history: list[dict] = []
+    start = 0
+    state = cache.load_or_none(checkpoint) if checkpoint is not None else None
+    if state is not None:
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        history, start = list(state["history"]), int(state["epoch"])
+    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, mininterval=2.0)
+    for epoch in bar:
+        for name, opt in optimizers.items():
+            factor = lr_factor[name] if isinstance(lr_factor, Mapping) else lr_factor
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * factor(epoch, epochs)
+        seed_everything(seed * 1000 + epoch)
+        for module in modules.values():
+            module.train()
+        sums: dict[str, float] = {}
+        total = 0
+        for batch in batches(epoch):
+            batch = [t.to(device, non_blocking=True) for t in batch]
+            for name, value in step(*batch).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * len(batch[0])
+            total += len(batch[0])
+        for module in modules.values():
+            module.eval()
+        first_lr = next(iter(optimizers.values())).param_groups[0]["lr"] if optimizers else 0.0
+        history.append({"epoch": epoch + 1, "lr": first_lr, **{k: v / max(total, 1) for k, v in sums.items()},
+                        **(epoch_end(epoch) if epoch_end else {})})
+        if "loss" in history[-1]:
+            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        if checkpoint is not None:
+            cache.atomic_save({"modules": {k: m.state_dict() for k, m in modules.items()},
+                               "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                               "history": history, "epoch": epoch + 1}, checkpoint)
+    for module in modules.values():
+        module.eval()
+    return history
+
+
 def fit_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, *, device: torch.device | None = None,
                    checkpoint: Path | None = None, desc: str = "train",
                    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> list[dict]:
-    """Train `model` in place with cross-entropy (or `loss_fn(model, x, y)`); returns per-epoch history.
+    """Train `model` in place with cross-entropy (or `loss_fn(model, x, y)`) on `data`; returns per-epoch history.
 
     With `checkpoint`, state is saved atomically after each epoch and a run finding one resumes from it.
     """
-    device = device or get_device()
-    model.to(device)
-    opt = _make_optimizer(model, cfg)
-    history: list[dict] = []
-    start = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = cache.load(checkpoint)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        history, start = list(state["history"]), int(state["epoch"])
-    loss_fn = loss_fn or (lambda m, xb, yb: F.cross_entropy(m(xb), yb))
-    bar = tqdm(range(start, cfg.epochs), desc=desc, initial=start, total=cfg.epochs, mininterval=2.0)
-    for epoch in bar:
-        lr = cfg.lr * (0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs)) if cfg.cosine else 1.0)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        seed_everything(cfg.seed * 1000 + epoch)
+    opt = make_optimizer(model, cfg)
+    loss_fn = loss_fn or cross_entropy_loss
+
+    def batches(epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        model.train()
-        total, correct, loss_sum = 0, 0, 0.0
         for xb, yb in data.batches(cfg.batch_size, shuffle=True, seed=cfg.seed * 1000 + epoch):
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            if cfg.augment:
-                xb = augment_batch(xb, gen)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, xb, yb)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(yb)
-            total += len(yb)
-        model.eval()
-        history.append({"epoch": epoch + 1, "lr": lr, "loss": loss_sum / total})
-        bar.set_postfix(loss=f"{loss_sum / total:.4f}")
-        if checkpoint is not None:
-            cache.atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "history": history, "epoch": epoch + 1}, checkpoint)
-    model.eval()
-    return history
+            yield (augment_batch(xb, gen) if cfg.augment else xb), yb
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> dict[str, float]:
+        return {"loss": descend(opt, loss_fn(model, xb, yb))}
+
+    return fit(step, batches, epochs=cfg.epochs, modules={"model": model}, optimizers={"model": opt},
+               lr_factor=cosine_lr if cfg.cosine else constant_lr, seed=cfg.seed, device=device,
+               checkpoint=checkpoint, desc=desc)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode with requires_grad off inside the block (gradients still flow *through* it, to a
+    masker or restorer trained in front of it); its mode and flags are restored afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    was_training = module.training
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(was_training)
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Plain training: cross-entropy of the model's logits."""
+    return F.cross_entropy(model(x), y)
 
 
 def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], nn.Module],
@@ -133,11 +226,11 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
     device = device or get_device()
     model = build()
     own_classes = {type(m) for m in model.modules() if type(m).__module__.startswith("lib.")}
-    fingerprint = cache.source_fingerprint((*own_classes, fit_classifier, *code))
+    fingerprint = cache.source_fingerprint((*own_classes, fit, fit_classifier, *code))
     key = cache.config_key(dict(config), fingerprint)
     final = cache.cache_root() / namespace / f"{key}.pt"
-    if final.is_file():
-        entry = cache.load(final)
+    entry = cache.load_or_none(final)
+    if entry is not None:
         model.load_state_dict(entry["state_dict"])
         return model.to(device).eval(), {**entry["meta"], "cache_hit": True, "cache_key": key}
     partial = final.with_suffix(".partial.pt")
@@ -169,6 +262,8 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
     spec = dict(section[roles[role]])
     cfg = TrainConfig.from_mapping(spec)
     attack = dict(spec.get("attack", {})) if role == "adversarial" else {}
+    from lib.adversarial_training import pgd_training_loss
+
     loss_fn = pgd_training_loss(**attack) if role == "adversarial" else None
     train_data = load_dataset(dataset, "train", n=spec.get("train_size", section.get("train_size")), seed=profile["seed"])
     test_data = load_dataset(dataset, "test", n=section.get("test_size"), seed=profile["seed"])
@@ -194,17 +289,3 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
               "test_data": cache.tensor_digest(test_data.x, test_data.y), "train": asdict(cfg), "attack": attack}
     return cached_model(f"classifiers/{dataset}", config, build, train, device=device,
                         code=(pgd_training_loss,) if attack else ())
-
-
-def pgd_training_loss(eps: float, steps: int = 7, alpha: float | None = None
-                      ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """Madry et al.'s adversarial training loss: cross-entropy on L-inf PGD examples (random start) of each batch."""
-    from lib.attacks import pgd
-
-    def loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        model.eval()
-        x_adv = pgd(model, x, y, eps=eps, steps=steps, alpha=alpha)
-        model.train()
-        return F.cross_entropy(model(x_adv), y)
-
-    return loss

@@ -1,39 +1,40 @@
 """Restoration figures and the interactive explorer (ipywidgets) for every registered defense.
 
 The explorer lets one choose a dataset, an image (index or random), an attack, its epsilon and a defense, and shows
-the clean image, the adversarial image, the perturbation magnified, the purified image (and the defense's mask or
-intermediate images where it has them) with the classifier's top predictions as bars. It retrains nothing: classifiers
-(lib.train.trained_classifier), adversarial examples (lib.evaluate.adversarial_set) and defenses
-(lib.defenses.registry.build_defense) come from the caches (computed once on a cold cache), each loaded at most once
-per session and kept in memory.
+the clean image, the adversarial image, the perturbation magnified, the defense's intermediate images, the purified
+image, and the top predictions of the classifier on the clean and adversarial inputs and of the defended model
+(`Built.classifier`, SFM's own or the adversarially trained one where the defense has its own) on the purified input.
+It retrains nothing: classifiers (lib.train.trained_classifier), adversarial examples (lib.evaluate.adversarial_set)
+and defenses (lib.defenses.registry.build) come from the caches (computed once on a cold cache), each loaded at most
+once per session and kept in memory.
 
-Optional, duck-typed hooks a Defense may offer (none is required; a defense is never imported by name here):
-  stages(x) -> dict[str, Tensor]   named intermediate images in pipeline order (e.g. {"compressed": ...}); else
-                                   Compose shows each step's output, a defense with `masked(x)` shows x * mask, and a
-                                   defense with an integer `levels` (pixel-depth compression) shows round(x(k-1))/(k-1)
-  mask(x) -> Tensor (N, 1|C, H, W) a mask in [0, 1] (SFM's sparse feature mask); else the first tensor returned by
-                                   `region_masks(x)` (RegionSparse's located region)
+Only the defense contract is used: `Defense.stages(x)` gives the intermediate images, and the stage named "mask" is
+the defense's mask (shown in its own column, its mean reported).
 """
 from __future__ import annotations
 
 import html
 import io
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import ipywidgets as widgets
 import matplotlib.pyplot as plt
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
 from lib import data
-from lib.defenses.base import Compose, Defense
-from lib.defenses.registry import LABELS, build_defense, defense_names
-from lib.evaluate import AttackSpec, adversarial_set, attack_specs
+from lib.defenses.base import Built, Defense
+from lib.defenses.registry import LABELS, build, defense_names
+from lib.evaluate import AttackSpec, adversarial_set, attack_specs, in_batches
 from lib.profiles import load_profile, notebook_config
 from lib.runtime import get_device
 from lib.train import trained_classifier
 from lib.viz import perturbation_image, show_image
+
+if TYPE_CHECKING:
+    from lib.cases import Case
 
 # one style for every figure of the visualisation notebooks
 STYLE: dict[str, Any] = {"panel": 1.55, "title_size": 10, "label_size": 8, "heat_cmap": "jet", "act_cmap": "viridis",
@@ -47,55 +48,17 @@ def figure_title(what: str, dataset: str, attack: str, eps: float | None) -> str
     return f"{what} — {dataset}, {attack}, ε={budget}"
 
 
-# --------------------------------------------------------------------------- defenses through the registry
+# --------------------------------------------------------------------------- the contract's stages
 
-def registered_defenses(profile: Mapping[str, Any], dataset: str, classifier: nn.Module,
-                        names: Sequence[str] | None = None) -> dict[str, Defense]:
-    """The named defenses (default: every registered one), built or loaded from the caches by the registry, in eval
-    mode on the classifier's device."""
-    device = next(classifier.parameters()).device
-    return {name: build_defense(name, profile=profile, dataset=dataset, classifier=classifier).to(device).eval()
-            for name in (names or defense_names())}
+MASK = "mask"   # the stage that is the defense's mask
 
 
 @torch.no_grad()
-def purify_batches(defense: Defense, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """defense.purify over mini-batches (bounded memory for the network defenses)."""
-    return torch.cat([defense.purify(xb) for xb in x.split(batch_size)])
-
-
-# --------------------------------------------------------------------------- duck-typed defense hooks
-
-@torch.no_grad()
-def defense_stages(defense: Defense, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Named intermediate images of `defense` on `x` (see the module docstring); {} when it has none."""
-    stages = getattr(defense, "stages", None)
-    if callable(stages):
-        return dict(stages(x))
-    if isinstance(defense, Compose):
-        out, current = {}, x
-        for i, step in enumerate(defense.steps):
-            current = step.purify(current)
-            out[f"step {i + 1}: {type(step).__name__}"] = current
-        return dict(list(out.items())[:-1])  # the last step's output is the purified image itself
-    masked = getattr(defense, "masked", None)
-    if callable(masked):
-        return {"masked": masked(x)}
-    levels = getattr(defense, "levels", None)
-    if isinstance(levels, int) and levels >= 2:
-        return {f"compressed (k={levels})": torch.round(x * (levels - 1)) / (levels - 1)}
-    return {}
-
-
-@torch.no_grad()
-def defense_mask(defense: Defense, x: torch.Tensor) -> torch.Tensor | None:
-    """The defense's mask on `x` (N, 1|C, H, W) in [0, 1], or None when it has no mask hook."""
-    for name in ("mask", "region_masks"):
-        method = getattr(defense, name, None)
-        if callable(method):
-            out = method(x)
-            return (out[0] if isinstance(out, (tuple, list)) else out).float().clamp(0, 1)
-    return None
+def stages_and_mask(defense: Defense, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """The defense's intermediate images on `x` (`Defense.stages`) without its mask, and the mask (None when the
+    defense has no stage named "mask")."""
+    stages = dict(defense.stages(x))
+    return stages, stages.pop(MASK, None)
 
 
 @torch.no_grad()
@@ -143,6 +106,33 @@ def restoration_figure(clean: torch.Tensor, adversarial: torch.Tensor, purified:
     fig.suptitle(figure_title(f"{defense}: purification", dataset, attack, eps), fontsize=STYLE["title_size"])
     fig.tight_layout()
     return fig
+
+
+def restoration_case(case: "Case", spec: AttackSpec, *, examples: int = 3
+                     ) -> tuple[pd.DataFrame, dict[str, plt.Figure]]:
+    """Notebook 08 on one case and gray-box attack: (per defense: the accuracy on the adversarial input of the target
+    classifier and on the purified input of the defense's own classifier, L2 distances to the clean input, the mean
+    mask value where the defense has a mask stage; {figure name: gallery of the first `examples` images})."""
+    x, x_adv, k = case.x, case.adversarial(spec), examples
+    adversarial_accuracy = case.accuracy(x_adv)
+    row_labels = [f"true {case.class_names[int(c)]}" for c in case.y[:k]]
+    rows, figures = [], {}
+    for name, built in case.defenses.items():
+        purified = in_batches(built.defense.purify, x_adv, batch_size=case.batch_size, device=case.device)
+        stages, mask = stages_and_mask(built.defense, x_adv[:k])
+        mask_mean = None if mask is None else float(in_batches(
+            lambda xb: stages_and_mask(built.defense, xb)[1], x_adv, batch_size=case.batch_size).mean())
+        rows.append({"dataset": case.dataset, "attack": spec.title, "eps": spec.eps, "defense": case.label(name),
+                     "accuracy adversarial (%)": adversarial_accuracy,
+                     "accuracy purified (%)": case.accuracy(purified, name),
+                     "L2 adversarial-clean": float((x_adv - x).flatten(1).norm(dim=1).mean()),
+                     "L2 purified-clean": float((purified - x.cpu()).flatten(1).norm(dim=1).mean()),
+                     "mask mean": mask_mean, "n": len(x)})
+        figures[f"restoration_{case.dataset}_{spec.name}_{name}"] = restoration_figure(
+            x[:k].cpu(), x_adv[:k].cpu(), purified[:k], stages={s: t.cpu() for s, t in stages.items()},
+            mask=None if mask is None else mask.cpu(), row_labels=row_labels, dataset=case.dataset,
+            attack=spec.title, eps=spec.eps, defense=case.label(name))
+    return pd.DataFrame(rows), figures
 
 
 def _bars(ax, probs: torch.Tensor, classes: torch.Tensor, names: Sequence[str], kind: str) -> None:
@@ -220,7 +210,7 @@ class Explorer:
         self._rng = np.random.default_rng(self.profile.get("seed", 0))
         self._classifiers: dict[str, nn.Module] = {}
         self._pools: dict[str, data.ImageData] = {}
-        self._defenses: dict[tuple[str, str], Defense] = {}
+        self._defenses: dict[tuple[str, str], Built] = {}
         self._adversarial: dict[tuple, torch.Tensor] = {}
         self.loads = {"classifier": 0, "defense": 0, "attack": 0}
         self.view: dict[str, Any] = {}
@@ -336,10 +326,12 @@ class Explorer:
             self.loads["classifier"] += 1
         return self._classifiers[dataset]
 
-    def _defense(self, dataset: str, name: str) -> Defense:
+    def _defense(self, dataset: str, name: str) -> Built:
         if (dataset, name) not in self._defenses:
-            defense = build_defense(name, profile=self.profile, dataset=dataset, classifier=self._classifier(dataset))
-            self._defenses[dataset, name] = defense.to(self.device).eval()
+            built = build(name, self.profile, dataset, self._classifier(dataset), device=self.device)
+            built.defense.to(self.device).eval()
+            built.classifier.to(self.device).eval()
+            self._defenses[dataset, name] = built
             self.loads["defense"] += 1
         return self._defenses[dataset, name]
 
@@ -372,14 +364,13 @@ class Explorer:
             return self._refuse(f"unknown attack {self.attack.value!r}")
         try:
             classifier = self._classifier(dataset)
-            defense = self._defense(dataset, defense_name)
+            built = self._defense(dataset, defense_name)
             x = pool.x[index:index + 1].to(self.device)
             y = pool.y[index:index + 1].to(self.device)
             x_adv = self._adversarial_example(dataset, index, x, y)
             with torch.no_grad():
-                purified = defense.purify(x_adv)
-            stages = {k: v.cpu() for k, v in defense_stages(defense, x_adv).items()}
-            mask = defense_mask(defense, x_adv)
+                purified = built.defense.purify(x_adv)
+            stages, mask = stages_and_mask(built.defense, x_adv)
         except (ValueError, RuntimeError) as err:  # DatasetUnavailable is a RuntimeError
             return self._refuse(f"{type(err).__name__}: {err}")
         names = pool.info.classes or [str(i) for i in range(pool.info.num_classes)]
@@ -388,9 +379,10 @@ class Explorer:
             "dataset": dataset, "index": index, "label": int(y), "class_names": list(names),
             "attack": self.attack.value, "eps": eps, "defense": LABELS.get(defense_name, defense_name),
             "defense_name": defense_name, "clean": x.cpu(), "adversarial": x_adv.cpu(), "purified": purified.cpu(),
-            "stages": stages, "mask": None if mask is None else mask.cpu(),
-            "top": {kind: top_predictions(classifier, t, self.top_k)
-                    for kind, t in (("clean", x), ("adversarial", x_adv), ("purified", purified))},
+            "stages": {k: v.cpu() for k, v in stages.items()}, "mask": None if mask is None else mask.cpu(),
+            "top": {kind: top_predictions(model, t, self.top_k) for kind, model, t in
+                    (("clean", classifier, x), ("adversarial", classifier, x_adv),
+                     ("purified", built.classifier, purified))},
         }
         self.image.value = figure_png(explorer_figure(self.view))
         self.message.value = self.refused = ""

@@ -1,4 +1,5 @@
-"""ARN (paper 004): networks, every loss against its equation, the training algorithm's update rules, the defense."""
+"""ARN (paper 004): networks, every loss against its equation, the training algorithm's update rules, the defense
+and its factory. The table producers are tested in tests/test_arn_tables.py."""
 from __future__ import annotations
 
 import math
@@ -8,12 +9,39 @@ import torch
 import torch.nn.functional as F
 
 from lib.attacks import attack_surface, pgd
-from lib.defenses.arn import (
-    PRESETS, ARNAutoencoder, AttackDiscriminator, ConvGenerator, ImageDiscriminator, LossWeights,
-    Purifier, PurifierConfig, PurifierTrainer, attack_discriminator_loss, attack_invariance_loss, build_generator,
-    error_rate, generator_adversarial_loss, image_discriminator_loss, kl_normal, loss_weights, pick_targets,
-    VARIANTS, arn_for, purifier_jobs, reconstruction_loss, seen_attacks, train_purifier, trained_purifier,
+from lib.defenses.arn import Purifier, build
+from lib.defenses.arn.losses import (
+    PRESETS,
+    LossWeights,
+    attack_discriminator_loss,
+    attack_invariance_loss,
+    generator_adversarial_loss,
+    image_discriminator_loss,
+    kl_normal,
+    loss_weights,
+    restoration_mse,
 )
+from lib.defenses.arn.networks import (
+    ARNAutoencoder,
+    AttackDiscriminator,
+    ConvGenerator,
+    ImageDiscriminator,
+)
+from lib.defenses.arn.suite import pick_targets
+from lib.defenses.arn.tables import error_rate
+from lib.defenses.arn.training import (
+    VARIANTS,
+    PurifierConfig,
+    PurifierTrainer,
+    build_generator,
+    milestone_lr,
+    purifier_jobs,
+    seen_attacks,
+    train_purifier,
+    trained_profile_variant,
+    trained_purifier,
+)
+from lib.defenses.base import Built
 from lib.profiles import load_profile, notebook_config
 from lib.train import trained_classifier
 
@@ -74,8 +102,8 @@ def test_discriminator_and_reconstruction_losses_match_their_equations():
     assert float(image_discriminator_loss(real, fake)) == pytest.approx(float(expected_di), rel=1e-6)
     assert float(generator_adversarial_loss(fake)) == pytest.approx(float(-torch.log(sig(fake)).mean()), rel=1e-6)
     out, tgt = torch.zeros(2, 1, 2, 2), torch.ones(2, 1, 2, 2)
-    assert float(reconstruction_loss(out, tgt, "mean")) == 1.0
-    assert float(reconstruction_loss(out, tgt, "sample_sum")) == 4.0
+    assert float(restoration_mse(out, tgt, "mean")) == 1.0
+    assert float(restoration_mse(out, tgt, "sample_sum")) == 4.0
 
 
 def test_presets_and_config_validation():
@@ -132,15 +160,14 @@ def _trainer(weights: LossWeights, seed: int = 0) -> tuple[PurifierTrainer, tupl
 
 def test_each_optimiser_updates_only_its_own_network():
     trainer, batch = _trainer(PRESETS["tiny"])
-    groups = {"gen": trainer.opt_g, "d_a": trainer.opt_da, "d_i": trainer.opt_di}
-    owned = {"gen": trainer.gen, "d_a": trainer.d_a, "d_i": trainer.d_i}
-    ids = {k: {id(p) for g in opt.param_groups for p in g["params"]} for k, opt in groups.items()}
-    for k, net in owned.items():
-        assert ids[k] == {id(p) for p in net.parameters()}
-    for active in owned:  # freeze every optimiser but one: only its network moves
+    assert set(trainer.modules) == set(trainer.optimizers) == {"generator", "d_a", "d_i"}
+    for k, net in trainer.modules.items():
+        ids = {id(p) for g in trainer.optimizers[k].param_groups for p in g["params"]}
+        assert ids == {id(p) for p in net.parameters()}
+    for active in trainer.modules:  # freeze every optimiser but one: only its network moves
         trainer, batch = _trainer(PRESETS["tiny"])
-        owned = {"gen": trainer.gen, "d_a": trainer.d_a, "d_i": trainer.d_i}
-        for k, opt in {"gen": trainer.opt_g, "d_a": trainer.opt_da, "d_i": trainer.opt_di}.items():
+        owned = trainer.modules
+        for k, opt in trainer.optimizers.items():
             if k != active:
                 for group in opt.param_groups:
                     group["lr"] = 0.0
@@ -180,6 +207,22 @@ def test_training_reduces_reconstruction_loss_and_is_deterministic(digits_split)
     assert _same(_params(gen_a), _params(gen_b))
     with pytest.raises(ValueError):
         train_purifier(gen_b, x, [advs[0][:10]], cfg, device=CPU)
+
+
+def test_training_ignores_the_global_rng_and_follows_the_milestones(digits_split):
+    x = digits_split["x_train"][:64]
+    advs = [(x + 0.2).clamp(0, 1)]
+    cfg = PurifierConfig(weights=PRESETS["tiny"], epochs=2, milestones=(1,), **TINY)
+    trained = []
+    for global_seed in (0, 123):  # fit reseeds the global RNGs per epoch; the latent noise has its own stream
+        torch.manual_seed(0)
+        gen = build_generator(cfg, 1, 8)
+        hist = train_purifier(gen, x, advs, cfg, device=CPU)
+        torch.manual_seed(global_seed)
+        trained.append(_params(gen))
+    assert _same(*trained)
+    assert [h["lr"] for h in hist] == pytest.approx([cfg.lr, cfg.lr * 0.1])
+    assert [milestone_lr((2, 4), 0.5)(e, 6) for e in range(6)] == [1, 1, 0.5, 0.5, 0.25, 0.25]
 
 
 # --------------------------------------------------------------------------- helpers and the defense end to end
@@ -223,23 +266,26 @@ def test_arn_lowers_error_under_seen_pgd_on_digits(digits_split, digits_model, t
     assert meta2["cache_hit"] and torch.equal(again.purify(x_te[:5]), arn.purify(x_te[:5]))
 
 
-def test_arn_for_smoke_profile_returns_a_cached_purifier(tmp_path, monkeypatch):
+def test_build_gives_the_profiles_cached_arn_in_front_of_the_classifier(tmp_path, monkeypatch):
     monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path))
     profile = load_profile("smoke")
     classifier = trained_classifier(profile, "digits", device=CPU)[0]
-    arn, meta = arn_for(profile, "digits", classifier, device=CPU)
-    assert isinstance(arn, Purifier) and not meta["cache_hit"] and meta["train_seconds"] > 0
-    assert meta["variant"] == "ARN_PP" and meta["seen"] == ["PGD_N", "PGD_T"]
+    built = build(profile, "digits", classifier, device=CPU)
+    assert isinstance(built, Built) and isinstance(built.defense, Purifier) and built.classifier is classifier
+    meta = built.meta
+    assert not meta["cache_hit"] and meta["train_seconds"] > 0 and meta["cache_key"]
+    assert meta["config"]["variant"] == "ARN_PP" and meta["config"]["seen"] == ["PGD_N", "PGD_T"]
     x = torch.rand(7, 1, 8, 8)
-    out = arn.purify(x).detach()
+    out = built.defense.purify(x).detach()
     assert out.shape == x.shape and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-    again, meta2 = arn_for(profile, "digits", classifier, device=CPU)
-    assert meta2["cache_hit"] and meta2["cache_key"] == meta["cache_key"]
-    assert meta2["train_seconds"] == meta["train_seconds"] and torch.equal(again.purify(x), out)
+    assert torch.equal(built.defense.stages(x)["restored"], out)
+    again = build(profile, "digits", classifier, device=CPU)
+    assert again.meta["cache_hit"] and again.meta["cache_key"] == meta["cache_key"]
+    assert again.meta["train_seconds"] == meta["train_seconds"] and torch.equal(again.defense.purify(x), out)
     with pytest.raises(ValueError):
-        arn_for(profile, "digits", classifier, variant="ARN_XX", device=CPU)
+        trained_profile_variant(profile, "digits", classifier, variant="ARN_XX", device=CPU)
     with pytest.raises(ValueError):
-        arn_for(profile, "cifar10", classifier, device=CPU)
+        build(profile, "cifar10", classifier, device=CPU)
 
 
 def test_purifier_jobs_follow_the_profile_switches():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib.attacks.cw import cw_l2, cw_l2_details
+from lib.attacks.cw import cw_l2, cw_l2_details, cw_l2_fixed_c
 from lib.attacks.ddn import ddn
 from lib.attacks.deepfool import deepfool
 from lib.attacks.spatial import flow_smoothness, flow_warp, stadv, stadv_details
@@ -258,3 +258,32 @@ def test_stadv_fail_modes(digits_model, digits_batch):
     assert torch.equal(zeros.x_adv[~failed], last.x_adv[~failed])
     assert torch.allclose(last.x_adv[failed], flow_warp(x[failed], last.flow[failed]), atol=1e-6)
     assert not torch.equal(last.x_adv[failed], x[failed])
+
+
+def test_cw_fixed_c_is_one_search_step_handing_on_the_last_iterate(digits_model, digits_batch):
+    """CW-L2 at a fixed c (RegionSparse's protocol): one binary-search step without abort-early; successes are
+    the smallest successful iterate, the rest the last iterate (not x), so tau-scaling can still grow them."""
+    x, y = digits_batch[0][:40], digits_batch[1][:40]
+    res = cw_l2_details(digits_model, x, y, c=0.1, steps=15, lr=0.01, binary_steps=1, abort_early=False)
+    out = cw_l2_fixed_c(digits_model, x, y, c=0.1, steps=15, lr=0.01)
+    assert res.success.any() and not res.success.all()
+    torch.testing.assert_close(out[res.success], res.x_adv[res.success])
+    torch.testing.assert_close(out[~res.success], res.last[~res.success])
+    assert (_l2(out[~res.success], x[~res.success]) > 0).all()
+
+
+def test_cw_fixed_c_changes_the_prediction_of_a_linear_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(5, 1, 4, 4)
+    y = model(x).argmax(1)
+    x_adv = cw_l2_fixed_c(model, x, y, c=10.0, steps=200, lr=0.05)
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert (model(x_adv).argmax(1) != y).float().mean() >= 0.6
+
+
+def test_cw_runs_under_no_grad(digits_model, digits_batch):
+    x, y = digits_batch[0][:8], digits_batch[1][:8]
+    with torch.no_grad():
+        out = cw_l2_fixed_c(digits_model, x, y, steps=3)
+    torch.testing.assert_close(out, cw_l2_fixed_c(digits_model, x, y, steps=3))

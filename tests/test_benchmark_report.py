@@ -1,16 +1,19 @@
-"""Cross-defense benchmark summaries, L2 budgets, adversarial training and the reproduction report."""
+"""Cross-defense benchmark: evaluation of built defenses, costs, leaderboard and figures; L2 budgets; adversarial training
+(the reproduction report is tested in tests/test_reproduction.py)."""
 import pandas as pd
 import pytest
 import torch
 
-from lib import reproduction
-from lib.attacks import pgd
-from lib.benchmark import accuracy_curves, clean_vs_robust, defense_costs, defense_styles, leaderboard, worst_case
+from lib.attacks import fgsm, pgd
+from lib.benchmark import (accuracy_curves, clean_vs_robust, defense_costs, defense_styles, evaluate_defenses,
+                           leaderboard, leaderboard_notes, worst_case)
 from lib.data import ImageData, dataset_info
-from lib.defenses.registry import build_defense, defense_names
+from lib.defenses.base import Built, NoDefense
+from lib.defenses.registry import build, defense_names
 from lib.evaluate import AttackSpec, accuracy, attack_specs, within_l2_budget
 from lib.profiles import load_profile
-from lib.train import TrainConfig, fit_classifier, pgd_training_loss
+from lib.adversarial_training import pgd_training_loss
+from lib.train import TrainConfig, fit_classifier
 from tests.conftest import make_digits_cnn
 
 
@@ -66,15 +69,61 @@ def test_figures_start_curves_at_clean_accuracy_and_tell_defenses_apart():
     plt.close("all")
 
 
-def test_defense_costs_count_parameters_and_time(digits_batch):
+def test_defense_costs_count_parameters_and_time(digits_batch, digits_model):
     x = digits_batch[0][:16]
     profile = load_profile("smoke")
-    defenses = {n: build_defense(n, profile=profile, dataset="digits", classifier=None) for n in ("none", "median")}
-    costs = defense_costs(defenses, x).set_index("defense")
+    defenses = {n: build(n, profile, "digits", digits_model) for n in ("none", "median")}
+    costs = defense_costs(defenses, digits_model, x).set_index("defense")
     assert (costs.purify_ms_per_image >= 0).all() and (costs.parameters == 0).all()
+    assert (costs.train_seconds == 0).all()
     with pytest.raises(ValueError, match="unknown defense"):
-        build_defense("magic", profile=profile, dataset="digits", classifier=None)
+        build("magic", profile, "digits", digits_model)
     assert defense_names()[0] == "none"
+
+
+def test_defense_costs_count_only_parameters_beyond_the_target(digits_model, digits_batch):
+    """One cost rule for every Built: the defense's parameters, plus what its classifier adds to the target's when it
+    wraps the target (IDFR's restorer); a classifier that replaces the target (fine-tuned, retrained) adds none."""
+    from torch import nn
+
+    class Denoiser(NoDefense):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1)
+
+    x = digits_batch[0][:16]
+    wrapped = nn.Sequential(nn.Conv2d(1, 1, 1), digits_model)        # keeps the target inside
+    defenses = {"wrapping": Built(Denoiser(), wrapped, {"train_seconds": 2.0}),
+                "retrained": Built(NoDefense(), make_digits_cnn(), {"train_seconds": 1.0}),
+                "front": Built(Denoiser(), digits_model)}
+    costs = defense_costs(defenses, digits_model, x).set_index("defense")
+    assert costs.parameters.to_dict() == {"wrapping": 4, "retrained": 0, "front": 2}
+    assert costs.train_seconds.to_dict() == {"wrapping": 2.0, "retrained": 1.0, "front": 0.0}
+    assert (costs.purify_ms_per_image >= 0).all()
+
+
+def test_evaluate_defenses_attacks_own_classifiers_through_the_target_in_the_gray_box(digits_model, digits_surrogate,
+                                                                                      digits_batch):
+    x, y = digits_batch[0][:24], digits_batch[1][:24]
+    defenses = {"none": Built(NoDefense(), digits_model), "own": Built(NoDefense(), digits_surrogate)}
+    spec = AttackSpec("fgsm", {"eps": 0.2}, "FGSM")
+    rows = evaluate_defenses(defenses, digits_model, x, y, [spec], threats=("gray", "white"),
+                             device=torch.device("cpu")).set_index(["threat", "defense"])
+    x_adv = fgsm(digits_model, x, y, eps=0.2)                                      # crafted on the target
+    assert rows.loc[("gray", "own"), "robust_acc"] == pytest.approx(accuracy(digits_surrogate, x_adv, y))
+    assert rows.loc[("gray", "none"), "robust_acc"] == pytest.approx(accuracy(digits_model, x_adv, y))
+    assert rows.loc[("gray", "own"), "gradient"] == "custom" and rows.loc[("gray", "none"), "gradient"] == "classifier"
+    assert rows.loc[("white", "own"), "clean_acc"] == pytest.approx(accuracy(digits_surrogate, x, y))
+    own_white = fgsm(digits_surrogate, x, y, eps=0.2)
+    assert rows.loc[("white", "own"), "robust_acc"] == pytest.approx(accuracy(digits_surrogate, own_white, y))
+
+
+def test_leaderboard_notes_explain_routes_and_flag_obfuscated_gradients():
+    board = pd.DataFrame({"defense": ["a", "b"], "name": ["A", "B"], "worst_gray": [10.0, 20.0],
+                          "worst_white": [30.0, 5.0], "white_box_gradient": ["BPDA", "full+EOT-2"]})
+    notes = leaderboard_notes(board)
+    assert "* `BPDA`:" in notes and "* `full+EOT-2`: exact gradients" in notes
+    assert "obfuscated gradients" in notes and "against A:" in notes
 
 
 def test_pgd_adversarial_training_raises_robust_accuracy(digits_split, digits_model):
@@ -88,55 +137,3 @@ def test_pgd_adversarial_training_raises_robust_accuracy(digits_split, digits_mo
     attacked = {name: accuracy(m, pgd(m, x, y, eps=0.2, steps=10), y)
                 for name, m in (("standard", digits_model), ("adversarial", robust))}
     assert attacked["adversarial"] > attacked["standard"] + 20
-
-
-def _write_table(root, notebook, name, frame):
-    tables = root / "smoke" / notebook / "tables"
-    tables.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(tables / f"{name}.csv", index=False)
-
-
-def test_report_follows_the_tables_of_the_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("ADV_RESULTS_DIR", str(tmp_path))
-    table = pd.DataFrame({"defense": ["Ours", "FS", "Ours", "FS"], "attack": ["PGD", "PGD", "CW", "CW"],
-                          "ours": [60.0, 40.0, 55.0, None], "paper": [70.0, 50.0, 65.0, 45.0]})
-    table["diff"] = table.ours - table.paper
-    table["best"] = [True, False, False, False]         # a column the claim does not pair on
-    _write_table(tmp_path, "01_sfm_defense", "table2_compare", table)
-    claims = pd.DataFrame([{"paper": "sfm", "claim": "Ours beats FS", "table": "table2_compare", "key": "defense",
-                            "better": "Ours", "worse": "FS", "higher_is_better": "true", "filter": "",
-                            "match_on": "attack"}])
-    tables = reproduction.comparison_tables("smoke")
-    summary = reproduction.agreement_summary(tables)
-    assert summary.loc[0, "cells_compared"] == 3 and summary.loc[0, "paper_only"] == 1
-    assert summary.loc[0, "mean_abs_diff"] == pytest.approx(10.0)
-    checked = reproduction.check_claims(tables, claims)
-    assert checked.loc[0, "ours"] == "holds" and checked.loc[0, "in_paper"] == "holds"
-    only_cw = reproduction.check_claims(tables, claims.assign(filter="attack!=PGD"))
-    assert only_cw.loc[0, "ours"] == "not measured" and only_cw.loc[0, "in_paper"] == "holds"   # FS has no CW of ours
-    missing = reproduction.not_reproduced(tables)
-    assert list(missing.cell) == ["FS / CW / False"]
-
-    table.loc[0, "ours"] = 30.0                        # our SFM now loses to FS under PGD
-    _write_table(tmp_path, "01_sfm_defense", "table2_compare", table)
-    tables = reproduction.comparison_tables("smoke")
-    assert reproduction.check_claims(tables, claims).loc[0, "ours"] == "fails"
-    text = reproduction.report_markdown("smoke", reproduction.agreement_summary(tables),
-                                        reproduction.check_claims(tables, claims), reproduction.not_reproduced(tables))
-    assert "fails" in text and "table2_compare" in text
-
-
-def test_model_costs_count_only_parameters_beyond_the_classifier(digits_model, digits_batch):
-    from torch import nn
-
-    from lib.benchmark import model_costs
-
-    x = digits_batch[0][:16]
-    wrapped = nn.Sequential(nn.Conv2d(1, 1, 1), digits_model)      # a defense that keeps the classifier inside
-    retrained = make_digits_cnn()                                    # a defense that replaces the classifier
-    own = model_costs("wrapped", wrapped, digits_model, x, train_seconds=2.0)
-    assert own["parameters"] == 2 and own["train_seconds"] == 2.0 and own["purify_ms_per_image"] >= 0
-    assert model_costs("retrained", retrained, digits_model, x, train_seconds=1.0)["parameters"] == 0
-    with pytest.raises(ValueError, match="unknown defended model"):
-        from lib.defenses.registry import build_defended_model
-        build_defended_model("magic", profile=load_profile("smoke"), dataset="digits", classifier=digits_model)

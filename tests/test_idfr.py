@@ -1,9 +1,8 @@
-"""IDFR (spec-001): denoiser and restorer architectures, the convex-hull sampler, both training objectives,
-the pipeline and its evaluation helpers, and the paper's aggregates recomputed from lib.reference."""
+"""IDFR (spec-001): denoiser and restorer architectures, the convex-hull sampler, both training objectives and
+trainings, the cached pipeline and the defense contract. The tables are tested in tests/test_idfr_tables.py."""
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 from scipy.optimize import linprog
@@ -11,7 +10,8 @@ from scipy.optimize import linprog
 from lib.attacks import fgsm
 from lib.defenses import idfr
 from lib.evaluate import AttackSpec, accuracy
-from lib.reference import load_reference
+from lib.profiles import load_profile
+from lib.train import frozen
 
 
 def _params(module: torch.nn.Module) -> int:
@@ -133,7 +133,7 @@ def test_each_id_objective_decreases_on_a_fixed_batch(kind, digits_model, digits
     den = idfr.InputDenoiser(1, width=0.25).train()
     opt = torch.optim.Adam(den.parameters(), lr=0.01)
     losses = []
-    with idfr.frozen(digits_model):
+    with frozen(digits_model):
         for _ in range(15):
             opt.zero_grad()
             loss = idfr.id_loss(den, digits_model, x_adv, x, y, kind)
@@ -166,7 +166,7 @@ def test_fr_objective_decreases_and_training_leaves_the_target_frozen(digits_mod
     hist = idfr.train_denoiser(den, digits_model, fgsm(digits_model, x, y, eps=0.2), x, y,
                                idfr.IDConfig(epochs=1, batch_size=64), device=torch.device("cpu"))
     assert len(hist) == 1 and np.isfinite(hist[0]["loss"])
-    pool = idfr.build_pool(digits_model, den, [fgsm(digits_model, x, y, eps=0.3), x], y, device=torch.device("cpu"))
+    pool = idfr.feature_pool(digits_model, den, [fgsm(digits_model, x, y, eps=0.3), x], y, device=torch.device("cpu"))
     assert pool.h.shape == (400, digits_model.feat_dim) and len(pool.correct) == 400
     sampler = idfr.ConvexHullSampler(pool, "paper")
     batch = sampler.sample(96, torch.Generator().manual_seed(0))
@@ -174,7 +174,7 @@ def test_fr_objective_decreases_and_training_leaves_the_target_frozen(digits_mod
     fr = idfr.FeatureRestorer(digits_model.feat_dim)
     opt = torch.optim.Adam(fr.parameters(), lr=0.01)
     losses = []
-    with idfr.frozen(digits_model):
+    with frozen(digits_model):
         for _ in range(30):
             opt.zero_grad()
             loss = idfr.fr_loss(fr, digits_model, batch["h"], batch["y"])
@@ -202,6 +202,11 @@ def test_configs_reject_bad_values():
 
 # ------------------------------------------------------------------ the defense works on real data
 
+def _setting(x: torch.Tensor, y: torch.Tensor, specs) -> idfr.IDFRSetting:
+    return idfr.IDFRSetting(x, y, specs, idfr.IDConfig(epochs=3, batch_size=64, noise_copies=1),
+                            idfr.FRConfig(epochs=2, steps_per_epoch=50), {"width": 0.5})
+
+
 def test_idfr_raises_accuracy_under_the_oblivious_attack_on_digits(digits_model, digits_split, tmp_path, monkeypatch):
     monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path))
     cpu = torch.device("cpu")
@@ -211,12 +216,12 @@ def test_idfr_raises_accuracy_under_the_oblivious_attack_on_digits(digits_model,
     adv, choice = idfr.mixture_adversarial(digits_model, x, y, specs, seed=0)
     assert set(choice.tolist()) == {0, 1, 2, 3}
     assert ((adv - x).abs().flatten(1).amax(1) <= torch.tensor([s.eps for s in specs])[choice] + 1e-6).all()
-    fit = idfr.fit_idfr(digits_model, x, y, specs, id_cfg=idfr.IDConfig(epochs=3, batch_size=64, noise_copies=1),
-                        fr_cfg=idfr.FRConfig(epochs=2, steps_per_epoch=50), denoiser_kwargs={"width": 0.5}, device=cpu)
+    fit = idfr.trained_idfr(digits_model, _setting(x, y, specs), device=cpu)
     assert not fit.meta["id_cache_hit"] and 0 <= fit.meta["p2_fraction"] <= 1
-    again = idfr.fit_idfr(digits_model, x, y, specs, id_cfg=idfr.IDConfig(epochs=3, batch_size=64, noise_copies=1),
-                          fr_cfg=idfr.FRConfig(epochs=2, steps_per_epoch=50), denoiser_kwargs={"width": 0.5}, device=cpu)
+    assert [h["epoch"] for h in fit.meta["id_history"]] == [1, 2, 3] and len(fit.meta["fr_history"]) == 2
+    again = idfr.trained_idfr(digits_model, _setting(x, y, specs), device=cpu)
     assert again.meta["id_cache_hit"] and again.meta["fr_cache_hit"]
+    assert again.meta["fr_history"] == fit.meta["fr_history"]
     xt, yt = digits_split["x_test"][:200], digits_split["y_test"][:200]
     x_adv = fgsm(digits_model, xt, yt, eps=0.2)
     pipes = fit.pipelines(digits_model)
@@ -224,34 +229,53 @@ def test_idfr_raises_accuracy_under_the_oblivious_attack_on_digits(digits_model,
     assert defended > undefended + 20, (undefended, defended)
     assert accuracy(pipes["ID"], xt, yt) > 85  # clean accuracy survives the denoiser
 
-    rows = idfr.evaluate_models(digits_model, {"ID": pipes["ID"]}, {}, xt[:50], yt[:50],
-                                [AttackSpec("fgsm", {"eps": 0.2}, "FGSM")], threats=("gray", "white"), device=cpu)
+    rows = idfr.tables.evaluate_models(digits_model, {"ID": pipes["ID"]}, {}, xt[:50], yt[:50],
+                                       [AttackSpec("fgsm", {"eps": 0.2}, "FGSM")], threats=("gray", "white"), device=cpu)
     assert list(rows["threat"]) == ["white-box (oblivious)", "adaptive (ours)"]
     assert rows["robust_acc"].iloc[1] <= rows["robust_acc"].iloc[0] + 10
 
 
-# ------------------------------------------------------------------ tables and the paper's aggregates
+def test_trainings_are_deterministic_and_a_baseline_loss_is_its_own_model(digits_model, digits_split, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    x, y = digits_split["x_train"][:128], digits_split["y_train"][:128]
+    setting = idfr.IDFRSetting(x, y, idfr.attack_grid([{"name": "fgsm"}], [0.2]),
+                               idfr.IDConfig(epochs=2, batch_size=64, noise_copies=1), idfr.FRConfig(epochs=1, steps_per_epoch=5),
+                               {"width": 0.25})
+    den, x_adv, meta = idfr.trained_denoiser(digits_model, setting, device=cpu)
+    torch.manual_seed(0)
+    first = idfr.InputDenoiser(1, width=0.25)
+    torch.manual_seed(0)
+    second = idfr.InputDenoiser(1, width=0.25)
+    h1 = idfr.train_denoiser(first, digits_model, x_adv, x, y, setting.id_cfg, cpu)
+    h2 = idfr.train_denoiser(second, digits_model, x_adv, x, y, setting.id_cfg, cpu)
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    pixel, _, pixel_meta = idfr.trained_denoiser(digits_model, setting, loss="pixel_l1", device=cpu)
+    assert pixel_meta["cache_key"] != meta["cache_key"] and not pixel_meta["cache_hit"]
+    with pytest.raises(ValueError, match="fr_pool"):
+        idfr.IDFRSetting(x, y, setting.specs, setting.id_cfg, setting.fr_cfg, {}, fr_pool="heldout")
 
-def test_aggregates_reproduce_the_text_from_tables_1_and_2():
-    t1 = idfr.aggregate_claims(load_reference("idfr", "table1"))
-    t2 = idfr.aggregate_claims(load_reference("idfr", "table2"))
-    assert [round(t1[k], 2) for k in ("idfr_clean_gap", "baseline_clean_gap", "idfr_margin")] == [4.22, 17.74, 13.52]
-    assert [round(t2[k], 2) for k in ("idfr_clean_gap", "baseline_clean_gap", "idfr_margin")] == [2.42, 11.80, 9.39]
 
-
-def test_paper_long_and_side_by_side_map_eps_by_position():
-    rows = pd.DataFrame({"defense": ["No Defense", "No Defense", "IDFR(Ours)", "IDFR(Ours)"],
-                         "attack": ["FGSM", "FGSM", "FGSM", "FGSM"], "eps": [0.1, 0.2, 0.1, 0.2],
-                         "clean_acc": [99.0, 99.0, 97.0, 97.0], "robust_acc": [50.0, 20.0, 90.0, 80.0]})
-    with pytest.raises(ValueError, match="cannot map"):
-        idfr.paper_long(rows, "VGG16", ["4", "8", "16"])
-    long = idfr.paper_long(rows, "VGG16", ["4", "8"])
-    side = idfr.side_by_side(long, "table1")
-    hit = side[(side["defense"] == "No Defense") & (side["attack"] == "FGSM") & (side["eps"] == "8")].iloc[0]
-    assert hit["ours"] == 20.0 and hit["paper"] == 64.6 and hit["diff"] == pytest.approx(20.0 - 64.6)
-    assert hit["our_eps"] == 0.2
-    clean = side[(side["defense"] == "IDFR(Ours)") & (side["attack"] == "Clean")].iloc[0]
-    assert clean["ours"] == 97.0 and clean["paper"] == 91.2
-    nrp = side[side["defense"] == "NRP"]
-    assert len(nrp) and not nrp["ran_here"].any() and nrp["paper"].notna().all()
-    assert set(side["model"]) == {"VGG16"}
+def test_factories_follow_the_defense_contract(digits_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path))
+    cpu = torch.device("cpu")
+    profile = load_profile("smoke")
+    built = idfr.build(profile, "digits", digits_model, device=cpu)
+    assert isinstance(built.defense, idfr.InputDenoising) and built.defense.differentiable
+    assert isinstance(built.classifier, idfr.IDFRClassifier) and built.classifier.denoiser is None
+    assert built.classifier.restorer is not None and built.classifier.classifier is digits_model
+    assert built.meta["train_seconds"] > 0 and built.meta["cache_key"] and built.meta["config"]["fr_pool"] == "all_configs"
+    x = torch.rand(5, 1, 8, 8)
+    with torch.no_grad():
+        full = idfr.IDFRClassifier(digits_model, built.defense.denoiser, built.classifier.restorer)(x)
+        assert torch.allclose(built.model()(x), full)
+        stages = built.defense.stages(x)
+    assert list(stages) == ["residual"] and stages["residual"].shape == x.shape
+    assert stages["residual"].min() >= 0 and stages["residual"].max() <= 1
+    alone = idfr.build_denoiser(profile, "digits", digits_model, device=cpu)
+    assert alone.classifier is digits_model
+    assert all(torch.equal(a, b) for a, b in zip(alone.defense.state_dict().values(), built.defense.state_dict().values()))
+    with pytest.raises(ValueError, match="no IDFR budgets"):
+        idfr.build(profile, "fashion_mnist", digits_model, device=cpu)

@@ -2,12 +2,16 @@
 scaling, argument checks, and the torchvision wrappers (offline pretrained loading fails loudly)."""
 from __future__ import annotations
 
+import hashlib
+import pickle
 import urllib.error
 
 import pytest
 import torch
 import torchvision
 from torch import nn
+
+from lib.models import imagenet
 
 from lib.models import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, BasicBlock, ImageClassifier,
                         InceptionInputTransform, Normalize, WideBasic, build_classifier, count_parameters,
@@ -241,7 +245,7 @@ def test_pretrained_offline_raises_runtime_error_with_instructions(offline_torch
 
 @pytest.mark.parametrize("arch,filename", [
     ("resnet50_imagenet", "resnet50-0676ba61.pth"), ("inception_v3", "inception_v3_google-0cc3c7bd.pth")])
-def test_pretrained_loads_cached_weights_file(offline_torch_home, arch, filename):
+def test_pretrained_loads_cached_weights_file(offline_torch_home, monkeypatch, arch, filename):
     torch.manual_seed(3)
     if arch == "resnet50_imagenet":
         published = torchvision.models.resnet50(weights=None)
@@ -252,6 +256,8 @@ def test_pretrained_loads_cached_weights_file(offline_torch_home, arch, filename
     folder = offline_torch_home / "hub" / "checkpoints"
     folder.mkdir(parents=True)
     torch.save(published.state_dict(), folder / filename)
+    # these random weights stand in for the published file: accept the hash of the file written here
+    monkeypatch.setattr(imagenet, "published_hash_prefix", lambda path: _sha256(path)[:8])
     model = build_classifier(arch, num_classes=1000, in_channels=3, image_size=299, mean=IMAGENET_MEAN,
                              std=IMAGENET_STD, pretrained=True).eval()
     x = torch.rand(1, 3, 75, 75, generator=torch.Generator().manual_seed(0))
@@ -263,3 +269,44 @@ def test_pretrained_loads_cached_weights_file(offline_torch_home, arch, filename
     torch.testing.assert_close(getattr(tiny.body, last_block).state_dict(),
                                getattr(published, last_block).state_dict())
     assert tiny.head.out_features == 200
+
+
+def _sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Payload:
+    """A pickle that runs code when unpickled: it creates the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _plant_payload(offline_torch_home, tmp_path):
+    folder = offline_torch_home / "hub" / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = tmp_path / "payload_ran"
+    path = folder / "resnet50-0676ba61.pth"
+    torch.save({"conv1.weight": _Payload(marker)}, path)
+    return path, marker
+
+
+def test_hand_placed_weights_with_a_payload_are_refused_by_their_hash(offline_torch_home, tmp_path):
+    path, marker = _plant_payload(offline_torch_home, tmp_path)
+    with pytest.raises(RuntimeError, match="does not match its published hash") as info:
+        build_classifier("resnet50_imagenet", num_classes=1000, in_channels=3, image_size=224, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, pretrained=True)
+    assert str(path) in str(info.value) and "fetch it again" in str(info.value)
+    assert not marker.exists()
+
+
+def test_a_payload_matching_the_hash_still_does_not_run(offline_torch_home, tmp_path, monkeypatch):
+    path, marker = _plant_payload(offline_torch_home, tmp_path)
+    monkeypatch.setattr(imagenet, "published_hash_prefix", lambda p: _sha256(p)[:8])
+    with pytest.raises(pickle.UnpicklingError):
+        build_classifier("resnet50_imagenet", num_classes=1000, in_channels=3, image_size=224, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, pretrained=True)
+    assert not marker.exists()

@@ -6,13 +6,14 @@ from torch import nn
 
 from lib.attacks import attack_surface, fgsm
 from lib.data import load_dataset
+from lib.defenses.base import Built, Defended
 from lib.defenses.reconstruction import (
-    EDSRRestorer, PixelDepthCompression, ReconstructionDefense, RestorerConfig,
-    adversarial_training_loss, bim_schedule, clip_to_linf_ball, edsr_parameter_count, lr_factor, quantize,
-    reconstruction_loss, straight_through_quantize, train_restorer, trained_reconstruction,
+    EDSRRestorer, PixelDepthCompression, ReconstructionDefense, RestorerConfig, bim_schedule, build,
+    clip_to_linf_ball, edsr_lr_factor, edsr_parameter_count, quantize, restorer_loss, straight_through_quantize,
+    train_restorer, trained_reconstruction,
 )
 from lib.evaluate import accuracy
-from lib.defenses.base import Defended
+from lib.profiles import load_profile
 
 CPU = torch.device("cpu")
 
@@ -99,12 +100,12 @@ def test_reconstruction_loss_is_eq_4_on_a_hand_computed_example():
     out = torch.zeros(2, 1, 2, 2)
     target = torch.tensor([[1.0, 2.0, 0.0, 0.0], [0.0, 0.0, 0.0, 3.0]]).view(2, 1, 2, 2)
     # per image: 0.5 * (1 + 4) = 2.5 and 0.5 * 9 = 4.5; mean 3.5
-    assert float(reconstruction_loss(out, target)) == pytest.approx(3.5)
-    assert float(reconstruction_loss(out, target)) == pytest.approx(0.5 * 4 * F.mse_loss(out, target, reduction="mean"))
+    assert float(restorer_loss(out, target)) == pytest.approx(3.5)
+    assert float(restorer_loss(out, target)) == pytest.approx(0.5 * 4 * F.mse_loss(out, target, reduction="mean"))
 
 
 def test_lr_schedule_halves_at_half_and_three_quarters():
-    assert [lr_factor(e, 8) for e in range(8)] == [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+    assert [edsr_lr_factor(e, 8) for e in range(8)] == [1, 1, 1, 1, 0.5, 0.5, 0.25, 0.25]
 
 
 def test_defense_output_keeps_shape_and_range_and_bpda_gives_gradients():
@@ -132,17 +133,31 @@ def test_training_lowers_the_eq_4_loss_on_a_fixed_batch():
     net = EDSRRestorer(1, 8, 1)
     cfg = RestorerConfig(levels=4, n_feats=8, n_blocks=1, epochs=30, batch_size=64, lr=3e-3, p_adv=0.0)
     with torch.no_grad():
-        before = float(reconstruction_loss(net(quantize(x, 4)), x))
+        before = float(restorer_loss(net(quantize(x, 4)), x))
     history = train_restorer(net, x, x_adv, cfg, device=CPU)
     with torch.no_grad():
-        after = float(reconstruction_loss(net(quantize(x, 4)), x))
+        after = float(restorer_loss(net(quantize(x, 4)), x))
     assert len(history) == 30 and history[0]["adv_fraction"] == 0.0
+    assert [history[e]["lr"] for e in (14, 15, 22, 23)] == pytest.approx([3e-3, 1.5e-3, 1.5e-3, 0.75e-3])  # EDSR steps
     assert after < 0.5 * before
-    defense = ReconstructionDefense(EDSRRestorer(1, 8, 1), levels=4)
-    assert defense.fit(x, x_adv, RestorerConfig(levels=4, epochs=2, batch_size=32), device=CPU) is defense
-    assert [h["epoch"] for h in defense.history] == [1, 2]
-    with pytest.raises(ValueError, match="levels"):
-        defense.fit(x, x_adv, RestorerConfig(levels=8, epochs=1), device=CPU)
+
+
+def test_training_is_deterministic_and_redraws_the_adversarial_half_each_epoch():
+    x = load_dataset("digits", "train", n=48).x
+    x_adv = 1.0 - x
+    cfg = RestorerConfig(levels=4, n_feats=4, n_blocks=1, epochs=3, batch_size=16, lr=1e-3, p_adv=0.5, seed=3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        net = EDSRRestorer(1, 4, 1)
+        runs.append((net, train_restorer(net, x, x_adv, cfg, device=CPU)))
+    (a, ha), (b, hb) = runs
+    assert ha == hb and all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+    assert list(ha[0]) == ["epoch", "lr", "loss", "adv_fraction"]
+    fractions = [h["adv_fraction"] for h in ha]
+    assert all(0.2 < f < 0.8 for f in fractions) and len(set(fractions)) > 1
+    with pytest.raises(ValueError, match="shapes differ"):
+        train_restorer(EDSRRestorer(1, 4, 1), x, x_adv[:10], cfg, device=CPU)
 
 
 # --------------------------------------------------------------------------- attack helpers
@@ -164,20 +179,6 @@ def test_clip_to_linf_ball_enforces_the_bound():
     assert float(clipped.min()) >= 0 and float(clipped.max()) <= 1
     small = (x + 0.01).clamp(0, 1)
     assert torch.equal(clip_to_linf_ball(x, small, 0.05), small)
-
-
-def test_adversarial_training_loss_with_zero_budget_is_the_weighted_clean_loss(digits_batch):
-    x, y = digits_batch
-    x, y = x[:32], y[:32]
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    torch.manual_seed(0)
-    for kind in ("fgsm", "bim"):
-        loss = adversarial_training_loss(kind, sigma=0.0)(model, x, y)
-        expected = (F.cross_entropy(model(x[:16]), y[:16]) + 0.3 * F.cross_entropy(model(x[16:]), y[16:])) / 1.3
-        assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
-        loss.backward()
-    with pytest.raises(ValueError, match="adversarial training"):
-        adversarial_training_loss("pgd")
 
 
 # --------------------------------------------------------------------------- end to end on digits
@@ -202,3 +203,30 @@ def test_defense_recovers_fgsm_accuracy_on_digits(digits_split, digits_model, di
     assert all(torch.equal(a, b) for a, b in zip(defense.state_dict().values(), again.state_dict().values()))
     # the adaptive (BPDA) pipeline computes the same predictions as the defended model
     assert torch.equal(attack_surface(digits_model, defense)(x).argmax(1), defended(x).argmax(1))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_stages_are_the_compressed_and_the_restored_image_of_the_input_shape(channels):
+    torch.manual_seed(0)
+    defense = ReconstructionDefense(EDSRRestorer(channels, 4, 1), levels=4).eval()
+    x = torch.rand(2, channels, 8, 8)
+    with torch.no_grad():
+        stages = defense.stages(x)
+        assert list(stages) == ["compressed", "restored"]
+        assert all(v.shape == x.shape for v in stages.values())
+        assert torch.equal(stages["compressed"], quantize(x, 4))
+        assert torch.equal(stages["restored"], defense.purify(x))
+
+
+def test_build_follows_the_contract_in_the_smoke_profile(digits_model):
+    profile = load_profile("smoke", {"notebooks.04_image_reconstruction.train_size": 64,
+                                     "notebooks.04_image_reconstruction.restorer.epochs": 1})
+    built = build(profile, "digits", digits_model, device=CPU)
+    assert isinstance(built, Built) and built.classifier is digits_model
+    assert isinstance(built.defense, ReconstructionDefense) and built.defense.levels == 4
+    assert built.meta["config"]["dataset"] == "digits" and built.meta["config"]["train_size"] == 64
+    assert built.meta["train_seconds"] > 0 and built.meta["cache_key"] and len(built.meta["history"]) == 1
+    again = build(profile, "digits", digits_model, device=CPU)
+    assert again.meta["cache_hit"] and again.meta["train_seconds"] == built.meta["train_seconds"]
+    with pytest.raises(ValueError, match="no reconstruction settings"):
+        build(profile, "cifar10", digits_model, device=CPU)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import orthogonal_mp
-from torch import nn
 
 from lib.activations import (activation_grid, activation_ratios, cam, channel_max_activations, class_activation_map,
                              grad_cam, total_activation)
+from lib.attacks import mi_fgsm_at_l2, normalized_l2, scale_to_normalized_l2
 from lib.defenses.regionsparse import (RegionSparse, RegionSparseConfig, batch_omp, bilateral, dct_dictionary,
                                        extract_patches, fold_patches, learn_dictionary, localize, zscore_cols)
+from lib.defenses.regionsparse.evaluation import bim_steps, eliminated_share
 from lib.models import build_classifier
-from lib.regionsparse_eval import cw_fixed_c, normalized_l2, scale_to_normalized_l2
 
 TINY = RegionSparseConfig(patch_size=3, n_atoms=16, sparsity=2, dict_epochs=1, patches_per_image=40, stride=1,
                           nlm_template=3, nlm_search=5, bilateral_d=3, bilateral_sigma_space=2.0, loc_scale=0.2)
@@ -125,7 +125,7 @@ def test_region_sparse_output_shape_range_and_composition():
 
 
 def test_region_sparse_needs_a_dictionary_and_valid_settings():
-    with pytest.raises(ValueError, match="fit"):
+    with pytest.raises(ValueError, match="dictionary"):
         RegionSparse(TINY).purify(torch.rand(1, 1, 16, 16))
     with pytest.raises(ValueError, match="region"):
         RegionSparseConfig(region="everything")
@@ -133,11 +133,21 @@ def test_region_sparse_needs_a_dictionary_and_valid_settings():
         TINY.variant("noXY")
 
 
-def test_region_sparse_fit_is_deterministic(digits_split):
+def test_dictionary_learning_is_deterministic(digits_split):
     x = torch.nn.functional.interpolate(digits_split["x_train"][:6], size=16, mode="bilinear").clamp(0, 1)
-    a = RegionSparse(TINY).fit(x, use_cache=False).dictionary
-    b = RegionSparse(TINY).fit(x, use_cache=False).dictionary
-    torch.testing.assert_close(a, b)
+    np.testing.assert_array_equal(learn_dictionary(x, TINY), learn_dictionary(x, TINY))
+
+
+def test_stages_are_images_of_the_input_shape_and_compose_the_output():
+    x = (_square_image() + 0.05 * torch.randn(1, 3, 32, 32)).clamp(0, 1).repeat(2, 1, 1, 1)
+    rs = RegionSparse(TINY, dictionary=_random_dictionary(16, 9))
+    stages = rs.stages(x)
+    assert list(stages) == ["mask", "bilateral background", "sparse-coded region"]
+    assert all(v.shape == x.shape for v in stages.values())
+    m = stages["mask"]
+    composed = (m * stages["sparse-coded region"] + (1 - m) * stages["bilateral background"]).clamp(0, 1)
+    torch.testing.assert_close(composed, rs.purify(x))
+    assert not rs.differentiable and not rs.randomized and rs.bpda_purify is None
 
 
 def test_scale_to_normalized_l2_hits_the_target():
@@ -145,16 +155,6 @@ def test_scale_to_normalized_l2_hits_the_target():
     x_adv = (x + 0.01 * torch.randn_like(x)).clamp(0, 1)
     scaled, tau, got = scale_to_normalized_l2(x, x_adv, 0.1)
     assert tau >= 1 and abs(got - 0.1) < 1e-3 and abs(normalized_l2(x, scaled) - got) < 1e-9
-
-
-def test_cw_fixed_c_changes_the_prediction_of_a_linear_model():
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    x = torch.rand(5, 1, 4, 4)
-    y = model(x).argmax(1)
-    x_adv = cw_fixed_c(model, x, y, c=10.0, steps=200, lr=0.05)
-    assert x_adv.min() >= 0 and x_adv.max() <= 1
-    assert (model(x_adv).argmax(1) != y).float().mean() >= 0.6
 
 
 def test_total_activation_is_the_sum_above_gamma():
@@ -202,7 +202,7 @@ def test_region_sparse_raises_accuracy_under_fgsm_on_digits(digits_model, digits
     x, y = digits_split["x_test"][:200], digits_split["y_test"][:200]
     cfg = RegionSparseConfig(patch_size=3, n_atoms=16, sparsity=1, dict_epochs=2, patches_per_image=40, stride=1,
                              nlm_template=3, nlm_search=5, bilateral_d=3, bilateral_sigma_space=2.0, loc_scale=0.2)
-    rs = RegionSparse(cfg).fit(digits_split["x_train"][:40], use_cache=False)
+    rs = RegionSparse(cfg, dictionary=learn_dictionary(digits_split["x_train"][:40], cfg))
     x_adv = fgsm(digits_model, x, y, eps=0.2)
     acc = lambda z: 100.0 * float((digits_model(z).argmax(1) == y).float().mean())  # noqa: E731
     assert acc(rs.purify(x)) >= 85.0                      # clean cost is bounded
@@ -210,8 +210,6 @@ def test_region_sparse_raises_accuracy_under_fgsm_on_digits(digits_model, digits
 
 
 def test_bim_schedule_and_mi_fgsm_calibration(digits_model, digits_split):
-    from lib.regionsparse_eval import bim_steps, eliminated_share, mi_fgsm_at_l2
-
     assert [bim_steps(v) for v in (2, 10, 22)] == [3, 13, 26]      # min(L + 4, ceil(1.25 L))
     x, y = digits_split["x_test"][:64], digits_split["y_test"][:64]
     x_adv, eps, got = mi_fgsm_at_l2(digits_model, x, y, 0.1, steps=3, refine=2)
@@ -223,14 +221,22 @@ def test_bim_schedule_and_mi_fgsm_calibration(digits_model, digits_split):
     assert share == pytest.approx(100.0 * float((digits_model(x).argmax(1) == y)[fooled].float().mean()))
 
 
-def test_regionsparse_for_reads_the_profile():
-    from lib.defenses.regionsparse import regionsparse_for
+def test_build_selects_k_in_the_run_and_keeps_the_contract():
+    from lib.defenses.base import Built
+    from lib.defenses.regionsparse import build, select_sparsity
     from lib.profiles import load_profile, notebook_config
+    from lib.train import trained_classifier
 
     profile = load_profile("smoke")
-    rs = regionsparse_for(profile, "digits")
-    section = notebook_config(profile, "03_regionsparse")["regionsparse"]
-    assert rs.cfg.patch_size == section["patch_size"] and rs.cfg.sparsity == section["sparsity"]
-    assert rs.dictionary.shape == (section["n_atoms"], section["patch_size"] ** 2)
+    classifier, _ = trained_classifier(profile, "digits", "target")
+    built = build(profile, "digits", classifier)
+    section = notebook_config(profile, "03_regionsparse")
+    selection = select_sparsity(profile, "digits", classifier)
+    assert isinstance(built, Built) and built.classifier is classifier
+    assert built.defense.cfg.sparsity == selection.chosen == built.meta["config"]["sparsity"]
+    assert sorted(selection.table["K"]) == sorted(section["k_selection"]["candidates"])
+    assert selection.table.loc[selection.table["chosen"], "score"].item() == selection.table["score"].max()
+    assert built.defense.dictionary.shape == (section["regionsparse"]["n_atoms"], section["regionsparse"]["patch_size"] ** 2)
+    assert built.meta["cache_key"] and built.meta["train_seconds"] >= 0
     x = torch.rand(3, 1, 8, 8)
-    assert rs.purify(x).shape == x.shape
+    assert built.defense.purify(x).shape == x.shape

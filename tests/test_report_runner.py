@@ -1,4 +1,5 @@
 import json
+import os
 
 import pandas as pd
 import pytest
@@ -50,9 +51,14 @@ def test_runner_reports_a_failing_notebook_and_keeps_going(tmp_path, monkeypatch
     books.mkdir()
     _notebook(books / "01_ok.ipynb", "from lib import report\nreport.record_skip(report.results_dir(profile, '01_ok'), 'part', 'why')")
     _notebook(books / "02_bad.ipynb", "raise ValueError('deliberate failure')")
-    _notebook(books / "03_ok.ipynb", "x = 1")
+    _notebook(books / "03_ok.ipynb", "import os\nfrom lib import report\nout = report.results_dir(profile, '03_ok')\n"
+                                     "(out / 'tables' / 'run.txt').write_text(os.environ['ADV_RUN_ID'])")
     monkeypatch.setattr(runner, "NOTEBOOKS_DIR", books)
     monkeypatch.setenv("ADV_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.delenv("ADV_RUN_ID", raising=False)
+    stale = tmp_path / "results" / "smoke" / "03_ok" / "tables" / "stale.csv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("a\n1\n")
     assert runner.main(["--profile", "smoke"]) == 1
     summary = (tmp_path / "results" / "smoke" / "SUMMARY.md").read_text()
     assert "| 01_ok | ok |" in summary and "| 02_bad | failed |" in summary and "| 03_ok | ok |" in summary
@@ -60,3 +66,26 @@ def test_runner_reports_a_failing_notebook_and_keeps_going(tmp_path, monkeypatch
     manifest = json.loads((tmp_path / "results" / "smoke" / "manifest.json").read_text())
     assert manifest["profile"] == "smoke" and manifest["seed"] == 0 and manifest["packages"]["torch"]
     assert (tmp_path / "results" / "smoke" / "03_ok" / "03_ok.ipynb").is_file()
+    statuses = {nb: runner.read_status(tmp_path / "results" / "smoke" / nb) for nb in ("01_ok", "02_bad", "03_ok")}
+    assert {s["run_id"] for s in statuses.values()} == {manifest["run_id"]}
+    assert [s["status"] for s in statuses.values()] == ["ok", "failed", "ok"]
+    assert "deliberate failure" in statuses["02_bad"]["error"]
+    out = tmp_path / "results" / "smoke" / "03_ok"
+    assert (out / "tables" / "run.txt").read_text() == manifest["run_id"]     # the kernel saw the run id
+    assert not stale.exists() and (out / "previous" / "tables" / "stale.csv").is_file()
+    assert "ADV_RUN_ID" not in os.environ
+
+
+def test_outputs_of_the_previous_run_are_set_aside(tmp_path):
+    out = tmp_path / "nb"
+    runner.set_aside_previous(out)                                  # nothing there yet: nothing to do
+    assert not (out / "previous").exists()
+    for run in ("first", "second"):
+        (out / "tables").mkdir(parents=True)
+        (out / "tables" / f"{run}.csv").write_text("a\n1\n")
+        runner.write_status(out, run, {"status": "ok", "seconds": 1.0, "error": ""})
+        assert runner.read_status(out)["run_id"] == run
+        runner.set_aside_previous(out)
+        assert runner.read_status(out) is None and not (out / "tables").exists()
+    assert [p.name for p in (out / "previous" / "tables").iterdir()] == ["second.csv"]   # the older one replaced
+    assert runner.read_status(out / "previous")["run_id"] == "second"

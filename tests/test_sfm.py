@@ -3,18 +3,23 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-from lib.attacks import fgsm
-from lib.defenses.base import NoDefense
-from lib.defenses.sfm import (DEFAULT_RATIO, AttentionUNet, SFMConfig, SFMDefense, classifier_epoch,
-                              classifier_optimizer, coupled_elements, identity_threshold, mask_statistics, mask_status,
-                              masker_epoch, masker_optimizer, paper_threshold_ratio, reconstruction_loss, semantic_loss,
-                              sfm_for, sfm_losses, sfm_splits, sparsity_loss, train_sfm, trained_sfm, w1_for_ratio)
-from lib.defenses.squeeze import BitDepthReduction
+from lib.attacks import attack_surface, fgsm
 from lib.data import ImageData, dataset_info
+from lib.defenses.base import Built, NoDefense
+from lib.defenses.sfm import build, sfm_for, sfm_splits, w1_sweep
+from lib.defenses.sfm.defense import SFMDefense
+from lib.defenses.sfm.losses import (coupled_elements, identity_threshold, paper_threshold_ratio, reconstruction_loss,
+                                     semantic_loss, sfm_losses, sparsity_loss, w1_for_ratio)
+from lib.defenses.sfm.networks import AttentionUNet
+from lib.defenses.sfm.selection import choose
+from lib.defenses.sfm.training import (SFMConfig, classifier_epochs, classifier_optimizer, mask_statistics, mask_status,
+                                       masker_epoch, masker_optimizer, train_sfm, trained_sfm)
+from lib.defenses.squeeze import BitDepthReduction, MedianFilter
 from lib.evaluate import model_digest
 from lib.profiles import load_profile
 from lib.train import trained_classifier
@@ -152,7 +157,8 @@ def test_classifier_phase_updates_only_the_classifier(small_setup):
     clf, masker, data = small_setup
     cfg = SFMConfig(base_width=4, depth=2, batch_size=32, clf_lr=0.05)
     c0, m0 = _snapshot(clf), _snapshot(masker)
-    classifier_epoch(clf, data.x, data.y, classifier_optimizer(clf, cfg), 32, seed=0, device=CPU)
+    rows = classifier_epochs(clf, data.x, data.y, classifier_optimizer(clf, cfg), cfg, first_seed=0, device=CPU)
+    assert len(rows) == 1 and rows[0]["ce"] > 0 and 0 <= rows[0]["train_acc"] <= 100
     assert _changed(m0, masker) == set()
     assert {k for k in _changed(c0, clf) if "weight" in k}, "classifier weights must move"
 
@@ -166,7 +172,8 @@ def test_masker_phase_updates_only_the_masker(small_setup):
     assert all(p.grad is None for p in clf.parameters())
     assert all(p.requires_grad for p in clf.parameters()), "requires_grad is restored after the phase"
     assert {k for k in _changed(m0, masker) if "weight" in k}
-    assert set(stats) >= {"L_sp", "L_seg", "L_recon", "L_total", "mask_mean", "mask_frac_zero", "mask_frac_one"}
+    assert set(stats) >= {"L_sp", "L_seg", "L_recon", "L_total", "mask_mean", "mask_frac_zero", "mask_frac_one",
+                          "mask_status"}
     assert 0.0 <= stats["L_seg"] <= 2.0 and stats["L_recon"] >= 0.0
 
 
@@ -205,24 +212,53 @@ def test_train_sfm_alternates_and_reports_collapse(small_setup):
 
 # --------------------------------------------------------------------------- inference
 
-def test_defense_is_t_of_masked_input_with_bpda_through_t(small_setup):
+def test_defense_is_t_of_masked_input_with_bpda_where_t_has_no_gradient(small_setup):
     clf, masker, data = small_setup
     masker.eval()
     squeeze = BitDepthReduction(3)
     defense = SFMDefense(masker, squeeze).eval()
+    assert not defense.differentiable and defense.bpda_purify is not None and not defense.randomized
     x = data.x[:16]
     with torch.no_grad():
         m = masker(x)
         assert torch.equal(defense.purify(x), squeeze.purify(x * m))
         assert torch.allclose(defense.gray_box_model(clf)(x), clf(x * m))
-    # rounding has zero gradient; BPDA passes the masker's gradient through T (identity backward)
+    # rounding has zero gradient; the white box differentiates the masker exactly and T by the identity (BPDA)
     x_var = x.clone().requires_grad_(True)
-    defense.purify(x_var).sum().backward()
+    attack_surface(NoDefense(), defense)(x_var).sum().backward()
     x_ref = x.clone().requires_grad_(True)
     (x_ref * masker(x_ref)).sum().backward()
     assert torch.allclose(x_var.grad, x_ref.grad, atol=1e-6)
-    adv = fgsm(lambda t: clf(defense.purify(t)), x, data.y[:16], eps=0.1)
+    adv = fgsm(attack_surface(clf, defense), x, data.y[:16], eps=0.1)
     assert float((adv - x).abs().max()) <= 0.1 + 1e-6
+
+
+def test_defense_with_the_median_is_differentiable_exactly(small_setup):
+    _, masker, data = small_setup
+    masker.eval()
+    median = MedianFilter(2)
+    defense = SFMDefense(masker, median).eval()
+    assert defense.differentiable and defense.bpda_purify is None
+    x_var = data.x[:8].clone().requires_grad_(True)
+    defense.purify(x_var).sum().backward()
+    x_ref = data.x[:8].clone().requires_grad_(True)
+    median.purify(x_ref * masker(x_ref)).sum().backward()
+    assert torch.equal(x_var.grad, x_ref.grad)
+    x_id = data.x[:8].clone().requires_grad_(True)
+    (x_id * masker(x_id)).sum().backward()
+    assert not torch.allclose(x_var.grad, x_id.grad), "the median's own gradient, not an identity backward"
+
+
+def test_stages_are_mask_and_masked_of_the_input_shape(small_setup):
+    _, _, data = small_setup
+    x = data.x[:4].expand(-1, 3, -1, -1).contiguous()   # a colour batch: the 1-channel mask is expanded
+    defense = SFMDefense(AttentionUNet(3, 4, 2).eval(), BitDepthReduction(3)).eval()
+    with torch.no_grad():
+        stages = defense.stages(x)
+        assert list(stages) == ["mask", "masked"]
+        assert all(v.shape == x.shape for v in stages.values())
+        assert torch.equal(stages["mask"][:, 0], stages["mask"][:, 2])
+        assert torch.equal(defense.purify(x), defense.preprocess.purify(stages["masked"]))
 
 
 def test_trained_sfm_is_cached_and_reloads_the_same_defense(small_setup, tmp_path, monkeypatch):
@@ -230,16 +266,24 @@ def test_trained_sfm_is_cached_and_reloads_the_same_defense(small_setup, tmp_pat
     _, _, data = small_setup
     cfg = SFMConfig(base_width=4, depth=2, batch_size=64, pre_epochs=1, epochs=1, w1=0.05)
     args = (lambda: make_digits_cnn(width=8), BitDepthReduction(4), {"spec": "bit4"}, data, cfg)
-    clf1, d1, meta1 = trained_sfm(*args, key={"test": 1}, device=CPU, log=None)
-    clf2, d2, meta2 = trained_sfm(*args, key={"test": 1}, device=CPU, log=None)
-    assert (meta1["cache_hit"], meta2["cache_hit"]) == (False, True)
-    assert meta2["mask_status"] == meta1["mask_status"] and len(meta2["history"]) == 3
+    first = trained_sfm(*args, key={"test": 1}, device=CPU, log=None)
+    second = trained_sfm(*args, key={"test": 1}, device=CPU, log=None)
+    assert isinstance(second, Built) and isinstance(second.defense, SFMDefense)
+    assert (first.meta["cache_hit"], second.meta["cache_hit"]) == (False, True)
+    assert second.meta["mask_status"] == first.meta["mask_status"] and len(second.meta["history"]) == 3
+    assert second.meta["config"]["w1"] == 0.05 and second.meta["train_seconds"] == first.meta["train_seconds"]
     with torch.no_grad():
-        assert torch.equal(d1.purify(data.x[:8]), d2.purify(data.x[:8]))
-        assert torch.equal(clf1(data.x[:8]), clf2(data.x[:8]))
+        assert torch.equal(first.defense.purify(data.x[:8]), second.defense.purify(data.x[:8]))
+        assert torch.equal(first.classifier(data.x[:8]), second.classifier(data.x[:8]))
 
 
 # --------------------------------------------------------------------------- from a profile (notebook 01, registry)
+
+def test_choose_takes_the_best_validation_score_and_the_smaller_ratio_on_a_tie():
+    table = pd.DataFrame({"w1 / threshold": [1.0, 1.1, 1.57], "val clean + black": [120.0, 150.0, 150.0]})
+    assert choose(table) == 1.1
+    assert choose(table.assign(**{"val clean + black": [90.0, 80.0, 70.0]})) == 1.0
+
 
 def test_sfm_for_builds_the_smoke_profiles_defense_once_and_then_loads_it(tmp_path, monkeypatch):
     monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path))
@@ -250,19 +294,38 @@ def test_sfm_for_builds_the_smoke_profiles_defense_once_and_then_loads_it(tmp_pa
     assert len(sfm_data) == 256 and len(val) == 64  # the smoke section's sfm_train_size and val_size
     assert not set(map(tuple, sfm_data.x.flatten(1).tolist())) & set(map(tuple, val.x.flatten(1).tolist()))
 
-    clf, defense, meta = sfm_for(profile, "digits", target, device=CPU, log=None)
-    assert isinstance(defense, SFMDefense) and not meta["cache_hit"] and meta["preprocess"] == "median2"
-    assert meta["config"].w1 == pytest.approx(w1_for_ratio(DEFAULT_RATIO, sfm_data.x, 64))
+    built = sfm_for(profile, "digits", target, ratio=1.57, device=CPU, log=None)
+    assert isinstance(built.defense, SFMDefense) and not built.meta["cache_hit"]
+    assert built.meta["config"]["preprocess"] == "median2" and built.meta["config"]["ratio"] == 1.57
+    assert built.meta["config"]["w1"] == pytest.approx(w1_for_ratio(1.57, sfm_data.x, 64))
     assert model_digest(target) == digest, "F_theta is fine-tuned on a copy; the target is left as it was"
+    assert built.classifier is not target
     x = val.x[:16]
     with torch.no_grad():
-        purified = defense.purify(x)
-        assert clf(purified).shape == (16, 10)
+        purified = built.defense.purify(x)
+        assert built.model()(x).shape == (16, 10)
     assert purified.shape == x.shape and float(purified.min()) >= 0.0 and float(purified.max()) <= 1.0
-
-    # the registry's call: the SFMDefense alone, in front of the profile's target classifier; a cache hit now
-    again = sfm_for(profile, "digits", target)[1]
+    again = sfm_for(profile, "digits", target, ratio=1.57, log=None)
+    assert again.meta["cache_hit"]
     with torch.no_grad():
-        assert torch.equal(again.purify(x), purified)
-        assert target(again.purify(x)).shape == (16, 10)
-    assert sfm_for(profile, "digits", target, log=None)[2]["cache_hit"]
+        assert torch.equal(again.defense.purify(x), purified)
+
+
+def test_build_is_the_sfm_at_the_ratio_the_validation_sweep_chose(tmp_path, monkeypatch):
+    monkeypatch.setenv("ADV_CACHE_DIR", str(tmp_path))
+    profile = load_profile("smoke", {"datasets.digits.classifier.epochs": 1, "datasets.digits.surrogate.epochs": 1})
+    target, _ = trained_classifier(profile, "digits", device=CPU)
+    surrogate, _ = trained_classifier(profile, "digits", "surrogate", device=CPU)
+    sweep = w1_sweep(profile, "digits", target, surrogate, device=CPU, log=None)
+    assert list(sweep.table["w1 / threshold"]) == [1.0, 1.57]          # the smoke profile's sweep_ratios, sorted
+    best = sweep.table.loc[sweep.table["val clean + black"].idxmax(), "w1 / threshold"]
+    assert sweep.ratio == best and sweep.chosen is sweep.models[best]
+    assert (sweep.table["val clean + black"] == sweep.table["val clean"] + sweep.table["val black PGD-8"]).all()
+
+    built = build(profile, "digits", target, device=CPU)   # the registry's call: the sweep again, from the caches
+    assert built.meta["cache_hit"] and built.meta["config"]["ratio"] == sweep.ratio
+    assert built.meta["cache_key"] == sweep.chosen.meta["cache_key"] and built.meta["train_seconds"] > 0
+    assert built.classifier is not target and built.defense.differentiable   # F_theta; the 2x2 median has a gradient
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(built.model()(x), sweep.chosen.model()(x))

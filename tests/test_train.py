@@ -1,3 +1,7 @@
+import os
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,3 +137,50 @@ def test_profile_classifier_is_accurate_and_cached():
     assert meta2["cache_hit"] and meta2["test_accuracy"] == meta["test_accuracy"]
     with pytest.raises(ValueError, match="valid roles"):
         trained_classifier(profile, "digits", role="teacher")
+
+
+def _entry_of(namespace: str) -> Path:
+    (entry,) = (cache.cache_root() / namespace).glob("*.pt")
+    return entry
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "garble", "nan"])
+def test_damaged_cache_entry_is_named_moved_aside_and_recomputed(damage):
+    namespace = f"unit_damaged_{damage}"
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"x": torch.arange(64, dtype=torch.float32)}
+
+    first = cache.cached_tensors(namespace, {"k": 1}, compute)
+    path = _entry_of(namespace)
+    raw = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    elif damage == "garble":   # flip bytes inside the tensor data: still loadable, caught by the digest
+        at = raw.index(torch.arange(64, dtype=torch.float32).numpy().tobytes()[8:16])
+        path.write_bytes(raw[:at] + bytes(b ^ 0xFF for b in raw[at:at + 8]) + raw[at + 8:])
+    else:                      # a loadable entry whose stored digest is right but whose numbers are NaN
+        cache.atomic_save({"x": torch.full((64,), float("nan"))}, path)
+    with pytest.warns(RuntimeWarning, match=str(path.name)):
+        again = cache.cached_tensors(namespace, {"k": 1}, compute)
+    assert len(calls) == 2 and torch.equal(again["x"], first["x"])
+    assert path.with_name(path.name + ".corrupt").is_file()
+    assert torch.equal(cache.load(path)["x"], first["x"])     # the recomputed entry is sound
+
+
+def test_orphaned_temporary_files_are_removed_and_writes_are_readable_by_others(tmp_path):
+    old, fresh = tmp_path / "a.pt.x1.tmp", tmp_path / "b.pt.x2.tmp"
+    for f in (old, fresh):
+        f.write_bytes(b"partial")
+    os.utime(old, (time.time() - 2 * cache.ORPHAN_SECONDS,) * 2)
+    assert cache.remove_orphans(tmp_path) == [old] and fresh.exists()
+    previous = os.umask(0o022)
+    try:
+        cache.atomic_write_text("hello", tmp_path / "t.md")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "t.md").stat().st_mode & 0o777 == 0o644

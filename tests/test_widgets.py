@@ -1,58 +1,51 @@
-"""lib.widgets: duck-typed defense hooks, the restoration figure, and the explorer driven programmatically (every
-control changes the view, invalid choices are refused with a message in the widget, nothing retrains)."""
+"""lib.widgets: the contract's stages (a stage named "mask" is the mask), the restoration figure, notebook 08's case
+analysis, and the explorer driven programmatically (every control changes the view, invalid choices are refused with
+a message in the widget, nothing retrains, the defended prediction uses the defense's own classifier)."""
 from __future__ import annotations
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lib import data, widgets  # noqa: E402
-from lib.defenses.base import Compose, Defense, NoDefense  # noqa: E402
+from lib.cases import SAME_INPUT, Case, shown_defenses  # noqa: E402
+from lib.defenses.base import Built, Compose, Defense, NoDefense  # noqa: E402
+from lib.defenses.registry import defense_names  # noqa: E402
 from lib.defenses.squeeze import BitDepthReduction, MedianFilter  # noqa: E402
+from lib.evaluate import AttackSpec  # noqa: E402
 from lib.profiles import load_profile  # noqa: E402
 from lib.train import trained_classifier  # noqa: E402
 
 
 class _Masked(Defense):
-    """A toy masking defense: keeps the left half."""
+    """A toy masking defense: keeps the left half; its stages are the mask (expanded to x's channels) and x * mask."""
 
     def mask(self, x):
-        m = torch.zeros_like(x[:, :1])
+        m = torch.zeros_like(x)
         m[..., : x.shape[-1] // 2] = 1
         return m
 
-    def masked(self, x):
+    def purify(self, x):
         return x * self.mask(x)
 
-    def purify(self, x):
-        return self.masked(x)
+    def stages(self, x):
+        return {"mask": self.mask(x), "masked": self.purify(x)}
 
 
-class _Region(NoDefense):
-    def region_masks(self, x):
-        return torch.ones_like(x[:, :1]), torch.zeros(len(x), dtype=torch.bool)
-
-
-class _Levels(NoDefense):
-    levels = 3
-
-
-def test_defense_hooks_are_duck_typed(digits_batch):
+def test_stages_come_from_the_contract_and_the_mask_stage_is_the_mask(digits_batch):
     x = digits_batch[0][:4]
-    compose = Compose(BitDepthReduction(1), MedianFilter(2))
-    stages = widgets.defense_stages(compose, x)
-    assert list(stages) == ["step 1: BitDepthReduction"]
-    torch.testing.assert_close(stages["step 1: BitDepthReduction"], BitDepthReduction(1).purify(x))
+    stages, mask = widgets.stages_and_mask(Compose(BitDepthReduction(1), MedianFilter(2)), x)
+    assert list(stages) == ["after BitDepthReduction"] and mask is None
+    torch.testing.assert_close(stages["after BitDepthReduction"], BitDepthReduction(1).purify(x))
     toy = _Masked()
-    torch.testing.assert_close(widgets.defense_mask(toy, x), toy.mask(x))
-    torch.testing.assert_close(widgets.defense_stages(toy, x)["masked"], toy.masked(x))
-    assert widgets.defense_mask(_Region(), x).shape == (4, 1, 8, 8)
-    compressed = widgets.defense_stages(_Levels(), x)["compressed (k=3)"]
-    assert set(torch.unique(compressed).tolist()) <= {0.0, 0.5, 1.0}
-    assert widgets.defense_mask(NoDefense(), x) is None and widgets.defense_stages(NoDefense(), x) == {}
+    stages, mask = widgets.stages_and_mask(toy, x)
+    assert list(stages) == ["masked"]
+    torch.testing.assert_close(mask, toy.mask(x))
+    assert widgets.stages_and_mask(NoDefense(), x) == ({}, None)
 
 
 def test_top_predictions_are_sorted_probabilities(digits_model, digits_batch):
@@ -66,8 +59,8 @@ def test_restoration_figure_has_a_column_per_stage_and_titles(digits_batch):
     x = digits_batch[0][:3]
     adv = (x + 0.1).clamp(0, 1)
     toy = _Masked()
-    fig = widgets.restoration_figure(x, adv, toy.purify(adv), stages=widgets.defense_stages(toy, adv),
-                                     mask=toy.mask(adv), row_labels=["a", "b", "c"], dataset="digits", attack="PGD",
+    stages, mask = widgets.stages_and_mask(toy, adv)
+    fig = widgets.restoration_figure(x, adv, toy.purify(adv), stages=stages, mask=mask, row_labels=["a", "b", "c"], dataset="digits", attack="PGD",
                                      eps=0.1, defense="toy")
     titles = [ax.get_title() for ax in fig.axes[:7]]
     assert titles == ["clean", "adversarial", "perturbation", "masked", "mask", "purified", "residual"]
@@ -84,7 +77,7 @@ def test_explorer_figure_shows_stages_mask_and_three_bar_charts(digits_model, di
     purified = toy.purify(adv)
     view = {"dataset": "digits", "index": 0, "label": int(digits_batch[1][0]),
             "class_names": [str(i) for i in range(10)], "attack": "FGSM", "eps": 0.1, "defense": "toy", "clean": x, "adversarial": adv, "purified": purified,
-            "stages": widgets.defense_stages(toy, adv), "mask": toy.mask(adv),
+            "stages": {"masked": toy.purify(adv)}, "mask": toy.mask(adv),
             "top": {k: widgets.top_predictions(digits_model, t) for k, t in
                     (("clean", x), ("adversarial", adv), ("purified", purified))}}
     fig = widgets.explorer_figure(view)
@@ -94,6 +87,38 @@ def test_explorer_figure_shows_stages_mask_and_three_bar_charts(digits_model, di
     assert all(ax.get_xlabel() == "probability" for ax in fig.axes[6:])
     assert "image 0, toy — digits, FGSM, ε=0.1" == fig._suptitle.get_text()
     plt.close(fig)
+
+
+def test_the_visual_notebooks_show_every_defense_with_a_purified_input_of_its_own():
+    shown = shown_defenses(None)
+    assert shown == [n for n in defense_names() if n not in SAME_INPUT] and "none" not in shown
+    assert {"sfm", "idfr_id", "regionsparse", "reconstruction", "arn", "bit_depth"} <= set(shown)
+    assert set(SAME_INPUT) <= set(defense_names())
+    assert shown_defenses(["median", "idfr"]) == ["median", "idfr"]                  # a profile's list is kept
+
+
+def _toy_case(digits_model, digits_batch, own_classifier):
+    x, y = digits_batch[0][:8], digits_batch[1][:8]
+    test = data.ImageData(x, y, data.dataset_info("digits"))
+    defenses = {"masked": Built(_Masked(), digits_model), "own": Built(NoDefense(), own_classifier)}
+    return Case("digits", test, digits_model, defenses, torch.device("cpu"), 4)
+
+
+def test_restoration_case_reports_the_mask_and_the_defended_models_accuracy(digits_model, digits_batch,
+                                                                            digits_surrogate):
+    case = _toy_case(digits_model, digits_batch, digits_surrogate)
+    spec = AttackSpec("fgsm", {"eps": 0.2}, "FGSM")
+    table, figures = widgets.restoration_case(case, spec, examples=2)
+    rows = table.set_index("defense")
+    x_adv = case.adversarial(spec)
+    assert rows.loc["masked", "mask mean"] == pytest.approx(0.5) and pd.isna(rows.loc["own", "mask mean"])
+    assert rows.loc["own", "accuracy purified (%)"] == pytest.approx(case.accuracy(x_adv, "own"))
+    assert rows.loc["own", "accuracy adversarial (%)"] == pytest.approx(case.accuracy(x_adv))
+    assert rows.loc["own", "L2 purified-clean"] == pytest.approx(rows.loc["own", "L2 adversarial-clean"])
+    assert sorted(figures) == ["restoration_digits_fgsm_masked", "restoration_digits_fgsm_own"]
+    assert [ax.get_title() for ax in figures["restoration_digits_fgsm_masked"].axes[:6]] == [
+        "clean", "adversarial", "perturbation", "masked", "mask", "purified"]
+    plt.close("all")
 
 
 # --------------------------------------------------------------------------- the explorer
@@ -189,7 +214,7 @@ def test_nothing_retrains_and_a_new_session_loads_from_the_cache(explorer, profi
     def forbidden(*args, **kwargs):
         raise AssertionError("the explorer retrained or rebuilt something it had already")
 
-    for name in ("trained_classifier", "build_defense", "adversarial_set"):
+    for name in ("trained_classifier", "build", "adversarial_set"):
         monkeypatch.setattr(widgets, name, forbidden)
     for choice in reversed(choices):
         assert explorer.select(**choice), explorer.message.value
@@ -208,3 +233,15 @@ def test_nothing_retrains_and_a_new_session_loads_from_the_cache(explorer, profi
                              defenses=["median"], pool_size=20)
     assert fresh.message.value == "" and fresh.view["defense_name"] == "median"
     assert [m["cache_hit"] for m in metas] == [True]
+
+
+def test_the_purified_prediction_is_the_defended_models(profile, digits_surrogate, monkeypatch):
+    """A defense with its own classifier (SFM's, adversarial training's): the purified bars are that classifier's."""
+    monkeypatch.setattr(widgets, "build", lambda name, profile, dataset, classifier, device=None:
+                        Built(NoDefense(), digits_surrogate))
+    own = widgets.Explorer(profile, datasets=["digits"], attacks=ATTACKS, eps={"digits": [0.2]}, defenses=["adv_training"],
+                           pool_size=20)
+    view = own.view
+    expected = widgets.top_predictions(digits_surrogate, view["purified"])
+    assert torch.equal(view["top"]["purified"][1], expected[1])
+    torch.testing.assert_close(view["purified"], view["adversarial"])

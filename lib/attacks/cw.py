@@ -39,12 +39,14 @@ def succeeded(logits: torch.Tensor, y: torch.Tensor, kappa: float, targeted: boo
 
 @dataclass(frozen=True)
 class CWResult:
-    """Everything cw_l2 computes: images, which samples succeeded, their L2 norms (inf if not), final c."""
+    """Everything cw_l2 computes: images, which samples succeeded, their L2 norms (inf if not), final c, and the
+    last iterate of the last binary-search step (what a fixed-c run hands on when it did not succeed)."""
 
     x_adv: torch.Tensor
     success: torch.Tensor
     l2: torch.Tensor
     const: torch.Tensor
+    last: torch.Tensor
 
 
 def cw_l2_details(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1, kappa: float = 0.0,
@@ -67,6 +69,7 @@ def cw_l2_details(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 
     upper = torch.full((n,), _C_UNBOUNDED, **opts)
     best_l2sq = torch.full((n,), float("inf"), **opts)
     best_adv = x.clone()
+    last = x
     check_every = max(steps // 10, 1)
 
     for _ in range(binary_steps):
@@ -81,18 +84,20 @@ def cw_l2_details(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 
                 logits = model(x_new)
                 l2sq = (x_new - x).flatten(1).pow(2).sum(1)
                 loss = l2sq + const * margin_loss(logits, y, kappa, targeted)
+                total = loss.sum()  # inside enable_grad, so the attack also runs under torch.no_grad()
             with torch.no_grad():
                 ok = succeeded(logits, y, kappa, targeted) & active
                 step_success |= ok
                 better = ok & (l2sq < best_l2sq)
                 best_l2sq = torch.where(better, l2sq, best_l2sq)
                 best_adv = torch.where(better[:, None, None, None], x_new, best_adv)
+                last = x_new.detach()
                 if abort_early and it % check_every == 0:
                     active &= ~(loss > prev_loss * 0.9999)
                     prev_loss = torch.where(active, loss, prev_loss)
             if not active.any():
                 break
-            (w.grad,) = torch.autograd.grad(loss.sum(), w)
+            (w.grad,) = torch.autograd.grad(total, w)
             opt.step()
 
         upper = torch.where(step_success, torch.minimum(upper, const), upper)
@@ -101,7 +106,7 @@ def cw_l2_details(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 
         const = torch.where(bisect, (lower + upper) / 2, torch.where(step_success, const, const * 10))
 
     success = torch.isfinite(best_l2sq)
-    return CWResult(best_adv.detach(), success, best_l2sq.sqrt(), const)
+    return CWResult(best_adv.detach(), success, best_l2sq.sqrt(), const, last)
 
 
 def cw_l2(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1, kappa: float = 0.0,
@@ -110,3 +115,13 @@ def cw_l2(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1, kap
     """Carlini-Wagner L2 with binary search over c; the minimum-norm success per sample, or x itself."""
     return cw_l2_details(model, x, y, c=c, kappa=kappa, steps=steps, lr=lr, binary_steps=binary_steps,
                          targeted=targeted, abort_early=abort_early).x_adv
+
+
+def cw_l2_fixed_c(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 0.1, kappa: float = 0.0,
+                  steps: int = 50, lr: float = 0.01, targeted: bool = False) -> torch.Tensor:
+    """CW-L2 at one fixed constant c, as RegionSparse's paper runs it (no binary search, no abort-early): per
+    sample the smallest successful iterate, else the last iterate rather than x, so that a later rescaling of
+    the perturbation (`lib.attacks.strength.scale_to_normalized_l2`) can still grow an unsuccessful one."""
+    res = cw_l2_details(model, x, y, c=c, kappa=kappa, steps=steps, lr=lr, binary_steps=1, targeted=targeted,
+                        abort_early=False)
+    return torch.where(res.success[:, None, None, None], res.x_adv, res.last)

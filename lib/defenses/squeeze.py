@@ -9,7 +9,6 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lib.defenses.base import Compose, Defense
 from lib.validate import check_images, check_positive_int

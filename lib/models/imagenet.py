@@ -1,12 +1,16 @@
 """torchvision ImageNet models (ResNet-50, Inception-v3) split into feature body and fc head, optionally pretrained.
 
-Pretrained weights come only through torchvision's weights API, which caches them in $TORCH_HOME/hub/checkpoints;
-when they cannot be had (offline, no cached file) the builders raise a RuntimeError saying how to fetch them,
-never falling back to random weights.
+Pretrained weights are torchvision's published files, kept in $TORCH_HOME/hub/checkpoints. A file found there
+(downloaded earlier or copied in by hand) is checked against the hash published in its name before it is read,
+and read with torch.load(weights_only=True): a damaged or planted file never runs code. When the weights cannot
+be had (offline, no file) the builders raise a RuntimeError saying how to fetch them, never falling back to
+random weights.
 """
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -42,18 +46,50 @@ def _weights_path_help(weights: torchvision.models.WeightsEnum, builder: str) ->
             f"(or download {weights.url}) and copy {filename} into {folder} on this machine.")
 
 
+def weights_file(weights: torchvision.models.WeightsEnum) -> Path:
+    """Where torchvision keeps the weights file of `weights` ($TORCH_HOME/hub/checkpoints/<file name of its URL>)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+def published_hash_prefix(path: Path) -> str:
+    """The SHA-256 prefix torchvision publishes in a weights file's name (resnet50-0676ba61.pth -> 0676ba61)."""
+    match = torch.hub.HASH_REGEX.search(path.name)
+    if match is None:
+        raise ValueError(f"{path.name} carries no published hash")
+    return match.group(1)
+
+
+def verified_state_dict(path: Path, expected_prefix: str, help_text: str = "") -> dict:
+    """Read a weights file only if its SHA-256 starts with `expected_prefix`, and then with weights_only=True."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    if not digest.hexdigest().startswith(expected_prefix):
+        raise RuntimeError(f"{path} does not match its published hash (SHA-256 starts with "
+                           f"{digest.hexdigest()[:len(expected_prefix)]}, expected {expected_prefix}): it is damaged "
+                           f"or not the published file, and was not read. Delete it and fetch it again.\n{help_text}")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def fetch_weights(weights_enum: type[torchvision.models.WeightsEnum], weights_name: str, builder: str) -> dict:
-    """State dict of published torchvision weights (cached or downloaded); RuntimeError saying how to get them."""
+    """State dict of published torchvision weights (a verified local file, or downloaded and verified);
+    RuntimeError saying how to get them."""
     try:
         weights = weights_enum[weights_name]
     except KeyError:
         valid = ", ".join(w.name for w in weights_enum)
         raise ValueError(f"unknown weights {weights_name!r} for {builder}; valid: {valid}") from None
-    try:
-        return weights.get_state_dict(progress=True, check_hash=True)
-    except Exception as exc:  # offline, missing, corrupt or mismatching file: say how to get it, never go on unweighted
-        raise RuntimeError(f"could not load pretrained {builder} weights {weights_enum.__name__}.{weights.name} "
-                           f"({type(exc).__name__}: {exc}).\n{_weights_path_help(weights, builder)}") from exc
+    path = weights_file(weights)
+    help_text = _weights_path_help(weights, builder)
+    if not path.is_file():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights.url, str(path), hash_prefix=published_hash_prefix(path))
+        except Exception as exc:  # offline or a failed download: say how to get it, never go on unweighted
+            raise RuntimeError(f"could not load pretrained {builder} weights {weights_enum.__name__}.{weights.name} "
+                               f"({type(exc).__name__}: {exc}).\n{help_text}") from exc
+    return verified_state_dict(path, published_hash_prefix(path), help_text)
 
 
 def _replace_head(fc: nn.Linear, num_classes: int) -> nn.Linear:

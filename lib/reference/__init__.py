@@ -9,7 +9,7 @@ from importlib.resources import files
 
 import pandas as pd
 
-from lib.reference.compare import compare
+from lib.reference.compare import beside_paper, compare, stand_in_label
 
 PAPERS: tuple[str, ...] = ("sfm", "idfr", "regionsparse", "reconstruction", "arn")
 COLUMNS: tuple[str, ...] = (
@@ -17,7 +17,7 @@ COLUMNS: tuple[str, ...] = (
 )
 INDEX_COLUMNS: tuple[str, ...] = ("paper", "table", "title", "metric", "unit", "spec_section", "description")
 
-__all__ = ["PAPERS", "COLUMNS", "INDEX_COLUMNS", "list_tables", "load_reference", "compare"]
+__all__ = ["PAPERS", "COLUMNS", "INDEX_COLUMNS", "list_tables", "load_reference", "compare", "beside_paper", "stand_in_label"]
 
 
 def _read(name: str) -> pd.DataFrame:

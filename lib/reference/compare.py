@@ -1,5 +1,7 @@
-"""Join reproduced numbers with published ones, so every table can show ours, the paper's and the difference."""
+"""Our numbers beside the published ones: `beside_paper` for every paper notebook, on top of the join `compare`."""
 from __future__ import annotations
+
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -34,3 +36,43 @@ def compare(ours: pd.DataFrame, paper: pd.DataFrame, on: list[str], value_col: s
     joined = joined.sort_values(["_lpos", "_rpos"], na_position="last", kind="stable").reset_index(drop=True)
     joined["diff"] = joined["ours"] - joined["paper"]
     return joined[[*on, "ours", "paper", "diff"]]
+
+
+def _dataset_key(name: str) -> str:
+    """'CIFAR-10', 'cifar10', 'CIFAR10' -> 'cifar10'; 'F-MNIST', 'fashion_mnist' -> 'fashionmnist'."""
+    key = "".join(ch for ch in str(name).lower() if ch.isalnum())
+    return {"fmnist": "fashionmnist"}.get(key, key)
+
+
+def _same(field: str, a: object, b: object) -> bool:
+    if field == "dataset":
+        return _dataset_key(str(a)) == _dataset_key(str(b))
+    return str(a) == str(b)
+
+
+def stand_in_label(paper_setting: Mapping[str, object], ours_setting: Mapping[str, object]) -> str | None:
+    """None when our run matches the paper's table in every field of `paper_setting` (dataset, model, budget...);
+    else the column label of a stand-in comparison, e.g. 'paper (CIFAR10; ours fashion_mnist)'."""
+    differ = [f for f, v in paper_setting.items() if f not in ours_setting or not _same(f, v, ours_setting[f])]
+    if not differ:
+        return None
+    paper = ", ".join(str(paper_setting[f]) for f in differ)
+    ours = ", ".join(str(ours_setting.get(f, "?")) for f in differ)
+    return f"paper ({paper}; ours {ours})"
+
+
+def beside_paper(ours: pd.DataFrame, reference: pd.DataFrame, on: Sequence[str], *, value_col: str = "value",
+                 paper_setting: Mapping[str, object] | None = None,
+                 ours_setting: Mapping[str, object] | None = None) -> pd.DataFrame:
+    """Our numbers beside the paper's: the one comparison every paper notebook uses.
+
+    Rows are joined on `on` (see `compare`). When our run used the paper's own setting (every field of
+    `paper_setting`, e.g. {"dataset": "CIFAR10"}, equal in `ours_setting`) the columns are on + ours, paper,
+    diff. Otherwise the comparison is a stand-in: the paper column is labelled with what differs
+    ('paper (CIFAR10; ours fashion_mnist)') and there is no diff column, so it never counts as agreement.
+    """
+    joined = compare(ours, reference, list(on), value_col)
+    label = stand_in_label(paper_setting or {}, ours_setting or {})
+    if label is None:
+        return joined
+    return joined.drop(columns="diff").rename(columns={"paper": label})
