@@ -1,27 +1,31 @@
 """Cross-defense benchmark: every defense under the same attacks, summarised as a leaderboard.
 
 Every defense comes from `lib.defenses.registry.build` as a `Built` and is evaluated as the defended model
-`built.classifier(built.defense.purify(x))` (lib.evaluate.evaluate_threats, one call per classifier the defenses sit
-in front of). Gray box: adversarial examples crafted on the profile's undefended target classifier, also for the
-defenses with their own classifier (SFM's fine-tuned one, the adversarially trained one, IDFR's feature-restored
-one), whose gray box is thus a transfer from the target. White box: through the whole defended model. This module
-adds costs (purification time, training time, parameters), the worst case over attacks, and the two figures
-(accuracy against epsilon, clean against robust accuracy).
+`built.classifier(built.defense.purify(x))` (lib.evaluate.threat_outcomes, one call per classifier the defenses sit
+in front of). Black box: transferred from the profile's independently trained surrogate. Gray box: adversarial
+examples crafted on the profile's undefended target classifier, also for the defenses with their own classifier
+(SFM's fine-tuned one, the adversarially trained one, IDFR's feature-restored one), whose gray box is thus a transfer
+from the target. White box: through the whole defended model. Attacks run at each dataset's budgets (profile
+`budgets`); a leaderboard per fixed threat model (norm and budget) ranks defenses by the per-example worst case over
+every attack and threat. This module adds costs (purification time, training time, parameters) and the two figures
+(accuracy against epsilon, clean against robust accuracy); lib.sanity checks each evaluation.
 """
 from __future__ import annotations
 
 import time
-from typing import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from lib.data import DatasetUnavailable, load_dataset
+from lib.data import load_dataset
 from lib.defenses.base import Built
-from lib.defenses.registry import build
-from lib.evaluate import AttackSpec, attack_specs, evaluate_threats
+from lib.defenses.registry import build_each
+from lib.evaluate import AttackSpec, ensemble_accuracy, threat_outcomes
 from lib.notebook import Run
 from lib.train import trained_classifier
 
@@ -30,53 +34,121 @@ ADAPTIVE_NOTES = {
     "BPDA": "BPDA (identity backward through non-differentiable steps): an approximation, so white-box "
             "accuracy is an upper bound",
     "BPDA-approx": "BPDA with the defense's own differentiable approximation (e.g. straight-through rounding, "
-                   "exact gradients through its network); white-box accuracy is an upper bound",
+                   "exact gradients through its network); white-box accuracy is an upper bound. Identity BPDA is "
+                   "reported beside it as the threat `white-identity`",
 }
 
 
 def evaluate_defenses(defenses: Mapping[str, Built], target: nn.Module, x: torch.Tensor, y: torch.Tensor,
                       attacks: Sequence[AttackSpec], *, threats: Sequence[str] = ("gray", "white"),
-                      eot_samples: int = 1, batch_size: int = 256, device: torch.device | None = None) -> pd.DataFrame:
-    """evaluate_threats' rows for every built defense: defenses sharing a classifier are evaluated together, and a
-    defense whose classifier is not `target` is attacked in the gray box through `target` (a transfer)."""
+                      surrogate: nn.Module | None = None, eot_samples: int = 1, batch_size: int = 256,
+                      device: torch.device | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """threat_outcomes' (rows, examples) for every built defense: defenses sharing a classifier are evaluated together,
+    and a defense whose classifier is not `target` is attacked in the gray box through `target` (a transfer)."""
     groups: dict[int, list[str]] = {}
     for name, built in defenses.items():
         groups.setdefault(id(built.classifier), []).append(name)
-    frames = []
+    rows, examples = [], []
     for names in groups.values():
         classifier = defenses[names[0]].classifier
         gray = None if classifier is target else {name: target for name in names}
-        frames.append(evaluate_threats(classifier, {name: defenses[name].defense for name in names}, x, y, attacks,
-                                       threats=threats, gray_box_models=gray, eot_samples=eot_samples,
-                                       batch_size=batch_size, device=device))
-    return pd.concat(frames, ignore_index=True)
+        r, e = threat_outcomes(classifier, {name: defenses[name].defense for name in names}, x, y, attacks,
+                               threats=threats, surrogate=surrogate, gray_box_models=gray, eot_samples=eot_samples,
+                               batch_size=batch_size, device=device)
+        rows.append(r)
+        examples.append(e)
+    return pd.concat(rows, ignore_index=True), pd.concat(examples, ignore_index=True)
 
 
-def benchmark_dataset(run: Run, dataset: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Notebook 09 on one dataset: (every row of evaluate_defenses for the headline and curve attacks, with a dataset
-    column; defense_costs). Each defense of the profile section is built through the registry for the profile's
+MINIMAL_NORM = ("cw_l2", "deepfool", "ddn")   # no eps parameter: a success counts only within the L2 budget
+
+
+def attack_plan(cfg: Mapping[str, Any], dataset: str) -> tuple[list[AttackSpec], list[AttackSpec]]:
+    """(headline attacks, curve attacks) of notebook 09's profile section `cfg` for `dataset`.
+
+    Each entry of `attacks` names its threat model's norm (`linf` or `l2`) and runs at the dataset's budget for it
+    (`budgets[dataset]`); a minimal-norm attack counts within the L2 budget. The curve runs the `curve_attacks`
+    (labels of headline attacks) at each of `curve_factors` times their budget.
+    """
+    if dataset not in cfg["budgets"]:
+        raise ValueError(f"notebook 09 has no budgets for {dataset!r}; budgets are set for {sorted(cfg['budgets'])}")
+    budgets = cfg["budgets"][dataset]
+
+    def at(entry: Mapping[str, Any], eps: float) -> AttackSpec:
+        params = dict(entry.get("params", {}))
+        if entry["name"] in MINIMAL_NORM:
+            spec = AttackSpec(entry["name"], params, entry.get("label"), l2_budget=eps)
+        else:
+            spec = AttackSpec(entry["name"], {**params, "eps": eps}, entry.get("label"))
+        if spec.norm != entry["norm"]:
+            raise ValueError(f"attack {spec.title!r} is declared {entry['norm']!r} but its parameters make it "
+                             f"{spec.norm!r} (set params.norm for pgd / autoattack in L2)")
+        return spec
+
+    headline = [at(e, float(budgets[e["norm"]])) for e in cfg["attacks"]]
+    by_label = {e.get("label", e["name"]): e for e in cfg["attacks"]}
+    unknown = set(cfg["curve_attacks"]) - set(by_label)
+    if unknown:
+        raise ValueError(f"curve_attacks {sorted(unknown)} are not labels of the headline attacks {sorted(by_label)}")
+    curve = [at(by_label[label], f * float(budgets[by_label[label]["norm"]]))
+             for label in cfg["curve_attacks"] for f in cfg["curve_factors"]]
+    return headline, curve
+
+
+@dataclass
+class DatasetBenchmark:
+    """Notebook 09's results on one dataset: every row and per-example outcome (with a dataset column), the
+    defenses' costs, the dataset's budgets {norm: eps} (the leaderboards' threat models) and the sanity table."""
+
+    rows: pd.DataFrame
+    examples: pd.DataFrame
+    costs: pd.DataFrame
+    budgets: dict[str, float]
+    sanity: pd.DataFrame
+
+
+def benchmark_dataset(run: Run, dataset: str) -> DatasetBenchmark:
+    """Notebook 09 on one dataset. Each defense of the profile section is built through the registry for the profile's
     target classifier; one that cannot be built (no settings for this dataset, a missing dataset) is recorded as
-    skipped."""
+    skipped (lib.defenses.registry.build_each). The black box transfers from the profile's surrogate classifier.
+    Every defense is then checked by lib.sanity.sanity_checks."""
+    from lib.sanity import sanity_checks
+
     cfg, profile = run.config, run.profile
     test = load_dataset(dataset, "test", n=cfg["eval_size"], seed=profile["seed"])
     target, meta = trained_classifier(profile, dataset, "target", device=run.device)
-    defenses: dict[str, Built] = {}
-    for name in cfg["defenses"]:
-        try:
-            defenses[name] = build(name, profile, dataset, target, device=run.device)
-        except (DatasetUnavailable, ValueError) as err:   # ValueError: no settings for this dataset
-            run.skip(f"{name} on {dataset}", str(err))
+    surrogate = trained_classifier(profile, dataset, "surrogate", device=run.device)[0] if "black" in cfg["threats"] else None
+    defenses = build_each(cfg["defenses"], profile, dataset, target, skip=run.skip, device=run.device)
     print(f"{dataset}: classifier {meta['test_accuracy']:.1f}% clean; defenses {list(defenses)}")
     x, y = test.x.to(run.device), test.y.to(run.device)
-    rows = evaluate_defenses(defenses, target, x, y, attack_specs(cfg["attacks"]) + attack_specs(cfg["curve"]),
-                             threats=cfg["threats"], eot_samples=cfg["eot_samples"], device=run.device)
-    rows.insert(0, "dataset", dataset)
-    return rows, defense_costs(defenses, target, x[:cfg["timing_images"]])
+    headline, curve = attack_plan(cfg, dataset)
+    rows, examples = evaluate_defenses(defenses, target, x, y, headline + curve, threats=cfg["threats"],
+                                       surrogate=surrogate, eot_samples=cfg["eot_samples"], device=run.device)
+    budgets = {norm: float(eps) for norm, eps in cfg["budgets"][dataset].items()}
+    sanity = sanity_checks(defenses, rows, x, y, budgets=budgets, settings=cfg["sanity"],
+                           eot_samples=cfg["eot_samples"], device=run.device)
+    for table in (rows, examples, sanity):
+        table.insert(0, "dataset", dataset)
+    return DatasetBenchmark(rows, examples, defense_costs(defenses, target, x[:cfg["timing_images"]]), budgets, sanity)
 
 
-def headline_rows(rows: pd.DataFrame, attacks: Sequence[AttackSpec]) -> pd.DataFrame:
-    """The rows of the headline `attacks` (the curve's other budgets left out)."""
-    return rows[rows.attack.isin([a.title for a in attacks])]
+def at_budget(table: pd.DataFrame, norm: str, eps: float) -> pd.DataFrame:
+    """The rows (or per-example outcomes) of one fixed threat model: attacks in `norm` at budget `eps`."""
+    return table[(table["norm"] == norm) & np.isclose(table["eps"].astype(float), eps)]
+
+
+def at_budgets(table: pd.DataFrame, budgets: Mapping[str, float]) -> pd.DataFrame:
+    """The rows (or per-example outcomes) at any of the dataset's `budgets` {norm: eps} (the curve's others left out)."""
+    return pd.concat([at_budget(table, norm, eps) for norm, eps in budgets.items()])
+
+
+def sanity_notes(sanity: pd.DataFrame) -> str:
+    """Markdown under the sanity table: every WARN with what was measured and what it means, or that all passed."""
+    warned = sanity[sanity.status == "WARN"]
+    if warned.empty:
+        return f"All {int((sanity.status == 'PASS').sum())} applicable checks PASS."
+    return "\n".join(f"* **WARN** {r.defense}, {r.check}: {r.measured}. {r.explanation[0].upper()}{r.explanation[1:]}."
+                      for r in warned.itertuples())
 
 
 @torch.no_grad()
@@ -117,26 +189,30 @@ def defense_costs(defenses: Mapping[str, Built], target: nn.Module, x: torch.Ten
     return pd.DataFrame(rows)
 
 
-def worst_case(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per (defense, threat): the lowest robust accuracy over all attacks and budgets, and which attack gave it."""
-    idx = rows.groupby(["defense", "threat"])["robust_acc"].idxmin()
-    worst = rows.loc[idx, ["defense", "threat", "robust_acc", "attack", "eps"]]
-    return worst.rename(columns={"robust_acc": "worst_acc", "attack": "worst_attack", "eps": "worst_eps"})
-
-
-def leaderboard(rows: pd.DataFrame, costs: pd.DataFrame, labels: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """One line per defense, sorted by worst-case robust accuracy over every attack and threat model."""
-    worst = worst_case(rows)
-    by_threat = worst.pivot(index="defense", columns="threat", values="worst_acc").add_prefix("worst_")
-    overall = worst.loc[worst.groupby("defense")["worst_acc"].idxmin()].set_index("defense")
-    clean = rows.groupby("defense")["clean_acc"].first()
-    routes = rows[rows.threat == "white"].groupby("defense")["gradient"].first()
-    table = pd.DataFrame({"clean_acc": clean}).join(by_threat)
-    table["worst_acc"] = overall["worst_acc"]
-    table["worst_attack"] = overall["worst_attack"] + " (" + overall["threat"] + ")"
-    table["white_box_gradient"] = routes
-    table = table.join(costs.set_index("defense"))
+def leaderboard(rows: pd.DataFrame, examples: pd.DataFrame, costs: pd.DataFrame, *, norm: str, eps: float,
+                labels: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """One line per defense for one fixed threat model (`norm`, budget `eps`), ranked by `worst_acc`: the share of
+    test images that survived every attack of that threat model under every threat (transfer, gray and white box),
+    the per-example worst case. Beside it: each threat's ensemble accuracy (`worst_<threat>`), the strongest single
+    attack, every attack's own accuracy (`<threat>: <attack>`), the white-box gradient route, AutoAttack's flags
+    and the costs."""
+    rows, examples = at_budget(rows, norm, eps), at_budget(examples, norm, eps)
+    if rows.empty:
+        raise ValueError(f"no attacks at {norm} budget {eps}; budgets present: "
+                         f"{sorted(set(zip(rows.norm, rows.eps)))}")
+    table = pd.DataFrame({"clean_acc": rows.groupby("defense")["clean_acc"].first()})
+    table["worst_acc"] = ensemble_accuracy(examples, ("defense",))
+    table = table.join(ensemble_accuracy(examples, ("defense", "threat")).unstack("threat").add_prefix("worst_"))
+    single = rows.loc[rows.groupby("defense")["robust_acc"].idxmin()].set_index("defense")
+    table["strongest_single"] = single["attack"] + " (" + single["threat"] + "): " + single["robust_acc"].round(1).astype(str)
+    table["white_box_gradient"] = rows[rows.threat == "white"].groupby("defense")["gradient"].first()
+    flags = rows[rows["flags"].astype(bool)].groupby("defense")["flags"].agg(lambda f: "; ".join(dict.fromkeys(f)))
+    table["flags"] = flags.reindex(table.index).fillna("")
+    per_attack = rows.pivot_table(index="defense", columns=["threat", "attack"], values="robust_acc", sort=False)
+    per_attack.columns = [f"{threat}: {attack}" for threat, attack in per_attack.columns]
+    table = table.join(per_attack).join(costs.set_index("defense"))
     table = table.sort_values(["worst_acc", "clean_acc"], ascending=False).reset_index()
+    table.insert(1, "threat_model", f"{norm} {eps:g}")
     if labels:
         table.insert(1, "name", table["defense"].map(lambda d: labels.get(d, d)))
     return table
@@ -149,13 +225,16 @@ def leaderboard_notes(board: pd.DataFrame) -> str:
     for route in sorted(set(board.white_box_gradient.dropna())):
         key = route.split("+")[0]
         lines.append(f"* `{route}`: {ADAPTIVE_NOTES.get(key, key)}")
+    names = board["name"] if "name" in board else board["defense"]
     if {"worst_white", "worst_gray"} <= set(board.columns):
-        masked = board[board.worst_white > board.worst_gray]
+        masked = names[board.worst_white > board.worst_gray]
         if len(masked):
-            names = masked["name"] if "name" in masked else masked["defense"]
             lines.append("\nAdaptive attacks found fewer errors than transfer from the bare classifier against "
-                         + ", ".join(names) + ": a sign of obfuscated gradients (Athalye et al. 2018). "
-                         "The worst case above already takes the gray-box number for them.")
+                         + ", ".join(masked) + ": a sign of obfuscated gradients (Athalye et al. 2018). "
+                         "The worst case above already counts the gray-box errors for them.")
+    flagged = names[board["flags"].astype(bool)]
+    if len(flagged):
+        lines.append("\nAutoAttack's own checks failed for " + ", ".join(flagged) + " (the `flags` column).")
     return "\n".join(lines)
 
 
@@ -186,7 +265,8 @@ def accuracy_curves(rows: pd.DataFrame, attack: str, title: str, labels: Mapping
             eps = [0.0, *group.eps]
             acc = [group.clean_acc.iloc[0], *group.robust_acc]
             ax.plot(eps, acc, label=(labels or {}).get(defense, defense), **styles[defense])
-        ax.set(xlabel="epsilon (L-inf)", ylabel="robust accuracy (%)", title=f"{title}: {attack}, {threat} box",
+        norms = sorted(set(data.norm.dropna())) if "norm" in data else ["linf"]
+        ax.set(xlabel=f"epsilon ({', '.join(norms)})", ylabel="robust accuracy (%)", title=f"{title}: {attack}, {threat} box",
                ylim=(-2, 102))
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))

@@ -59,11 +59,19 @@ class CorruptEntry(ValueError):
     """A cache entry that cannot be read, does not match its stored digest, or holds non-finite numbers."""
 
 
-def _file_mode() -> int:
-    """rw for everyone the umask allows (mkstemp alone makes files private to the user)."""
+def _read_umask() -> int:
+    """The process umask (reading it means setting it: done once, at import, before any writer thread runs)."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def _file_mode() -> int:
+    """rw for everyone the umask allows (mkstemp alone makes files private to the user)."""
+    return 0o666 & ~_UMASK
 
 
 def _atomic_write(path: Path, write: Callable[[Any], None], mode: str) -> None:

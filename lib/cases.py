@@ -16,7 +16,7 @@ from torch import nn
 
 from lib import data
 from lib.defenses.base import Built
-from lib.defenses.registry import LABELS, build, defense_names
+from lib.defenses.registry import LABELS, build_each, defense_names
 from lib.evaluate import AttackSpec, accuracy, adversarial_set, in_batches
 from lib.notebook import Run
 from lib.train import trained_classifier
@@ -78,16 +78,16 @@ class Case:
 
 
 def visual_case(run: Run, dataset: str) -> Case:
-    """The case of `dataset` in the notebook's profile section (`eval_size`, `defenses`), printing one line."""
+    """The case of `dataset` in the notebook's profile section (`eval_size`, `defenses`), printing one line; a
+    defense that cannot be built for `dataset` is recorded as skipped (lib.defenses.registry.build_each)."""
     profile: Mapping[str, Any] = run.profile
     test = data.load_dataset(dataset, "test", n=run.config["eval_size"], seed=profile["seed"])
     classifier, meta = trained_classifier(profile, dataset, "target", device=run.device)
-    defenses = {}
-    for name in shown_defenses(run.config.get("defenses")):
-        built = build(name, profile, dataset, classifier, device=run.device)
+    defenses = build_each(shown_defenses(run.config.get("defenses")), profile, dataset, classifier, skip=run.skip,
+                          device=run.device)
+    for built in defenses.values():
         built.defense.to(run.device).eval()
         built.classifier.to(run.device).eval()
-        defenses[name] = built
     print(f"{dataset}: classifier test accuracy {meta['test_accuracy']:.1f}%, defenses: {', '.join(defenses)}")
     return Case(dataset, test, classifier, defenses, run.device, int(profile["eval_batch_size"]))
 

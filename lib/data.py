@@ -18,6 +18,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from lib.validate import check_positive_int
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 SPLITS = ("train", "test")
@@ -221,13 +223,27 @@ def _list_folder(name: str, root: Path, split: str) -> tuple[list[Path], np.ndar
     return [p for p, _ in pairs], np.array([c for _, c in pairs], dtype=np.int64), wnids
 
 
-def _read_images(paths: list[Path], size: int) -> np.ndarray:
+# Folder datasets are decoded as the pretrained weights expect (torchvision's evaluation transform): the shorter side
+# resized to size / crop fraction, then the centre size x size crop (ImageNet: 256 -> 224 for ResNet-50, 342 -> 299
+# for Inception-v3). Tiny-ImageNet keeps its whole 64 x 64 image (spec-000: no resizing).
+CROP_FRACTION = {"imagenet": 0.875, "tiny_imagenet": 1.0}
+
+
+def _read_images(paths: list[Path], size: int, crop_fraction: float) -> np.ndarray:
+    """Decode image files as uint8 (N, 3, size, size): shorter side resized to round(size / crop_fraction)
+    (bilinear, antialiased when shrinking), then the centre crop, without squashing the aspect ratio."""
     from PIL import Image
 
+    resize = int(round(size / crop_fraction))
     out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
     for i, p in enumerate(paths):  # file decoding is inherently per image
         with Image.open(p) as im:
-            out[i] = np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+            im = im.convert("RGB")
+            w, h = im.size   # the shorter side becomes `resize`, the longer one int(resize * long / short)
+            w, h = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+            im = im.resize((w, h), Image.BILINEAR)
+            left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))
+            out[i] = np.asarray(im.crop((left, top, left + size, top + size))).transpose(2, 0, 1)
     return out
 
 
@@ -241,8 +257,9 @@ def _unavailable(name: str, root: Path, reason: str) -> DatasetUnavailable:
 
 def balanced_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     """Indices of a deterministic class-balanced subset of size n (as equal per class as possible)."""
+    check_positive_int(n, "n")
     if n > len(y):
-        raise ValueError(f"subset of {n} requested from only {len(y)} examples")
+        raise ValueError(f"n must be at most the {len(y)} examples available (a subset of {n} was requested)")
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(y)
     per_class = [torch.nonzero(y == c).flatten() for c in classes]
@@ -266,11 +283,16 @@ def load_dataset(name: str, split: str = "train", *, n: int | None = None, seed:
     """Load `split` of dataset `name` as tensors in [0, 1].
 
     n: class-balanced deterministic subset size (None = all). image_size: bilinear resize
-    (e.g. upscale 8x8 digits). channels: 3 turns grey images into RGB by repetition.
+    (e.g. upscale 8x8 digits); for the folder datasets (Tiny-ImageNet, ImageNet) the size the files are decoded
+    at, resize-then-centre-crop (`_read_images`), so pass the input size of the model that will see them
+    (224 for ResNet-50, 299 for Inception-v3). channels: 3 turns grey images into RGB by repetition.
     """
     info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    for value, param in ((n, "n"), (image_size, "image_size"), (channels, "channels")):
+        if value is not None:
+            check_positive_int(value, param)
     root = Path(root) if root is not None else data_root()
     download = downloads_allowed() if download is None else download
     if name == "digits":
@@ -284,7 +306,9 @@ def load_dataset(name: str, split: str = "train", *, n: int | None = None, seed:
         if n is not None:
             keep = balanced_subset(torch.from_numpy(labels), n, seed).numpy()
             paths, labels, n = [paths[i] for i in keep], labels[keep], None
-        images = _read_images(paths, info.image_size)
+        size = image_size or info.image_size
+        images = _read_images(paths, size, CROP_FRACTION[name])
+        info = _replace(info, image_size=size)
 
     y = torch.from_numpy(np.ascontiguousarray(labels))
     if n is not None:

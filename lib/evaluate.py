@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -24,7 +25,7 @@ from lib.defenses.base import Defense, Defended
 from lib.runtime import get_device, seeded_rng
 from lib.validate import check_images, check_labels
 
-THREATS = ("black", "gray", "white")
+THREATS = ("black", "gray", "white")   # white also reports "white-identity" (identity BPDA) where it applies
 Model = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -42,6 +43,14 @@ class AttackSpec:
         return self.label or self.name
 
     @property
+    def norm(self) -> str | None:
+        """The norm of the attack's threat model: 'l2' for PGD-L2, an L2 AutoAttack and minimal-norm attacks with an L2
+        budget, 'linf' for the other attacks with an eps, None for attacks without a budget (stAdv)."""
+        if self.l2_budget is not None or self.name == "pgd_l2" or str(self.params.get("norm", "")).lower() == "l2":
+            return "l2"
+        return "linf" if "eps" in self.params else None
+
+    @property
     def eps(self) -> float | None:
         """The attack's budget: its L-inf/L2 eps parameter, or the L2 budget of a minimal-norm attack."""
         eps = self.params.get("eps", self.l2_budget)
@@ -49,7 +58,14 @@ class AttackSpec:
 
 
 def attack_specs(entries: Sequence[Mapping[str, Any]]) -> list[AttackSpec]:
-    """AttackSpecs from a profile's list of {name, params, label, l2_budget} mappings."""
+    """AttackSpecs from a profile's list of {name, params, label, l2_budget} mappings (ValueError naming the entry,
+    e.g. an unknown attack name with the valid ones, or a parameter the attack does not have)."""
+    from lib.attacks.registry import check_attack_entry
+
+    if isinstance(entries, (str, Mapping)) or not isinstance(entries, Sequence):
+        raise ValueError(f"entries must be a list of attack mappings, got {entries!r}")
+    for i, entry in enumerate(entries):
+        check_attack_entry(entry, f"attack entry {i}")
     return [AttackSpec(e["name"], dict(e.get("params", {})), e.get("label"), e.get("l2_budget")) for e in entries]
 
 
@@ -109,15 +125,31 @@ def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Te
     or not anything ran or was cached before it. When `model` is an nn.Module the result is cached under
     (attack, parameters, weights, inputs, attack code); a cached set reports the seconds of the run that produced it.
     """
+    x_adv, seconds, _ = _crafted(spec, model, x, y, batch_size=batch_size, use_cache=use_cache)
+    return x_adv, seconds
+
+
+def _crafted(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+             use_cache: bool) -> tuple[torch.Tensor, float, str]:
+    """adversarial_set, plus the AutoAttack checks that failed while crafting ('; '-joined, kept in the cache)."""
     from lib import attacks
+    from lib.attacks.autoattack import AutoAttackWarning
 
     inputs = cache.tensor_digest(x, y)
 
     def run() -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
-        with seeded_rng(_seed_of(spec.name, dict(spec.params), inputs), x.device):   # random starts, restarts
-            x_adv = attacks.generate(spec.name, model, x, y, batch_size=batch_size, **spec.params)
-        return {"x_adv": x_adv, "seconds": torch.tensor(time.perf_counter() - t0)}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with seeded_rng(_seed_of(spec.name, dict(spec.params), inputs), x.device):   # random starts, restarts
+                x_adv = attacks.generate(spec.name, model, x, y, batch_size=batch_size, **spec.params)
+        flags = [str(w.message) for w in caught if issubclass(w.category, AutoAttackWarning)]
+        for w in caught:
+            if not issubclass(w.category, AutoAttackWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        text = "; ".join(dict.fromkeys(flags)).encode()
+        return {"x_adv": x_adv, "seconds": torch.tensor(time.perf_counter() - t0),
+                "flags": torch.tensor(list(text), dtype=torch.uint8)}
 
     if use_cache and isinstance(model, nn.Module):
         config = {"attack": spec.name, "params": dict(spec.params), "model": model_digest(model),
@@ -125,23 +157,35 @@ def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Te
         out = cache.cached_tensors("adversarial", config, run, code=cache.source_fingerprint([attacks.ATTACKS[spec.name]]))
     else:
         out = run()
-    return out["x_adv"].to(x.device), float(out["seconds"])
+    flags = bytes(out["flags"].tolist()).decode() if "flags" in out else ""
+    return out["x_adv"].to(x.device), float(out["seconds"]), flags
 
 
-def evaluate_threats(classifier: nn.Module, defenses: Mapping[str, Defense], x: torch.Tensor, y: torch.Tensor,
-                     attacks: Sequence[AttackSpec], *, threats: Sequence[str] = ("gray", "white"),
-                     surrogate: Model | None = None, gray_box_models: Mapping[str, Model] | None = None,
-                     eot_samples: int = 1, batch_size: int = 256, device: torch.device | None = None,
-                     use_cache: bool = True) -> pd.DataFrame:
-    """Clean and robust accuracy of every defense under every attack and threat model.
+def evaluate_threats(*args: Any, **kwargs: Any) -> pd.DataFrame:
+    """The table of `threat_outcomes` (same arguments) alone: one row per (threat, defense, attack)."""
+    return threat_outcomes(*args, **kwargs)[0]
+
+
+def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: torch.Tensor, y: torch.Tensor,
+                    attacks: Sequence[AttackSpec], *, threats: Sequence[str] = ("gray", "white"),
+                    surrogate: Model | None = None, gray_box_models: Mapping[str, Model] | None = None,
+                    eot_samples: int = 1, batch_size: int = 256, device: torch.device | None = None,
+                    use_cache: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Clean and robust accuracy of every defense under every attack and threat model, and every example's outcome.
 
     Adversarial sets that do not depend on the defense (black box, gray box) are crafted once and
     shared. `gray_box_models[name]` overrides the model attacked in the gray box for one defense
     (e.g. SFM's gray box differentiates through the masker but not the squeezer).
-    Returns one row per (threat, defense, attack).
-    """
-    from lib.attacks import attack_surface
+    White box: a non-differentiable defense with its own differentiable approximation (`bpda_purify`) is attacked
+    through it and, reported beside it as threat `white-identity`, with identity BPDA. A randomised defense meets
+    AutoAttack's `rand` version, with EOT over `eot_samples` draws, instead of the profile's version.
+    AutoAttack's failed checks are printed and kept in the `flags` column.
 
+    Returns (rows, examples). rows: one row per (threat, defense, attack) with the attack's `eps` and `norm`
+    (its threat model), clean and robust accuracy (%), mean perturbation norms, seconds, gradient route and flags.
+    examples: one row per test image of each of them: `example` (its position in x), `correct` (still classified
+    correctly), `clean_correct`, and its perturbation's `linf` and `l2` norms.
+    """
     unknown = set(threats) - set(THREATS)
     if unknown:
         raise ValueError(f"unknown threat model(s) {sorted(unknown)}; valid: {', '.join(THREATS)}")
@@ -157,32 +201,81 @@ def evaluate_threats(classifier: nn.Module, defenses: Mapping[str, Defense], x: 
     clean = {}
     for name, pipeline in pipelines.items():
         with seeded_rng(_seed_of(name, "clean"), device):
-            clean[name] = accuracy(pipeline, x, y, batch_size, device)
+            clean[name] = (predict(pipeline, x, batch_size, device) == y.cpu())
 
     rows: list[dict[str, Any]] = []
-    crafted: dict[tuple, tuple[torch.Tensor, float]] = {}   # one run per (attacked model, attack, parameters)
+    examples: list[pd.DataFrame] = []
+    crafted: dict[tuple, tuple[torch.Tensor, float, str]] = {}   # one run per (attacked model, attack, parameters)
     for threat in threats:
         for spec in attacks:
             for name, defense in defenses.items():
-                if threat == "white":
-                    # not cached on disk: a weight digest cannot tell apart parameter-free defenses (JPEG q=75 / q=90)
-                    model, cacheable = attack_surface(classifier, defense, eot_samples=eot_samples), False
-                    gradient, owner = _gradient_route(defense, eot_samples), ("white", name)
-                else:
-                    model, cacheable = (surrogate if threat == "black" else gray_box_models.get(name, classifier)), use_cache
-                    gradient = "surrogate" if threat == "black" else ("classifier" if model is classifier else "custom")
-                    owner = ("transfer", id(model))
-                key = (*owner, spec.name, repr(sorted(spec.params.items())))
-                if key not in crafted:
-                    crafted[key] = adversarial_set(spec, model, x, y, batch_size=batch_size, use_cache=cacheable)
-                x_adv, seconds = crafted[key]
-                x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
-                with seeded_rng(_seed_of(name, spec.name, dict(spec.params), threat), device):   # randomised defenses
-                    robust = accuracy(pipelines[name], x_adv, y, batch_size, device)
-                rows.append({"threat": threat, "defense": name, "attack": spec.title, "eps": spec.eps, "n": len(y),
-                             "clean_acc": clean[name], "robust_acc": robust,
-                             **perturbation_norms(x, x_adv), "attack_seconds": seconds, "gradient": gradient})
-    return pd.DataFrame(rows)
+                for route in _routes(threat, spec, name, defense, classifier, surrogate, gray_box_models,
+                                     eot_samples, use_cache):
+                    key = (*route.owner, route.spec.name, repr(sorted(route.spec.params.items())))
+                    if key not in crafted:
+                        crafted[key] = _crafted(route.spec, route.model, x, y, batch_size=batch_size,
+                                                use_cache=route.cacheable)
+                        if crafted[key][2]:
+                            print(f"AutoAttack flags ({route.threat} box, {name}, {spec.title}): {crafted[key][2]}")
+                    x_adv, seconds, flags = crafted[key]
+                    x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
+                    with seeded_rng(_seed_of(name, spec.name, dict(spec.params), threat), device):   # randomised defenses
+                        correct = predict(pipelines[name], x_adv, batch_size, device) == y.cpu()
+                    delta = (x_adv - x).flatten(1).cpu()
+                    outcome = {"threat": route.threat, "defense": name, "attack": spec.title, "eps": spec.eps,
+                               "norm": spec.norm}
+                    rows.append({**outcome, "n": len(y), "clean_acc": 100.0 * float(clean[name].float().mean()),
+                                 "robust_acc": 100.0 * float(correct.float().mean()), **perturbation_norms(x, x_adv),
+                                 "attack_seconds": seconds, "gradient": route.gradient, "flags": flags})
+                    examples.append(pd.DataFrame({**outcome, "example": range(len(y)), "correct": correct.numpy(),
+                                                  "clean_correct": clean[name].numpy(),
+                                                  "linf": delta.abs().amax(1).numpy(), "l2": delta.norm(dim=1).numpy()}))
+    return pd.DataFrame(rows), (pd.concat(examples, ignore_index=True) if examples else pd.DataFrame())
+
+
+def ensemble_accuracy(examples: pd.DataFrame, by: Sequence[str] = ("defense", "threat")) -> pd.Series:
+    """Robust accuracy (%) of an attack ensemble per `by` group: the share of examples correct under every attack (every
+    row of the group), the per-example worst case as AutoAttack reports it; never above the lowest single attack's."""
+    survived = examples.groupby([*by, "example"], sort=False)["correct"].all()
+    return 100.0 * survived.groupby(level=list(by), sort=False).mean()
+
+
+@dataclass(frozen=True)
+class _Route:
+    """How one (threat, attack, defense) is attacked: the threat label, the attacked model, the attack as run, the
+    gradient route, whether its adversarial set may be cached on disk, and the key of its in-memory sharing."""
+
+    threat: str
+    model: Model
+    spec: AttackSpec
+    gradient: str
+    cacheable: bool
+    owner: tuple
+
+
+def _routes(threat: str, spec: AttackSpec, name: str, defense: Defense, classifier: nn.Module,
+            surrogate: Model | None, gray_box_models: Mapping[str, Model], eot_samples: int,
+            use_cache: bool) -> list[_Route]:
+    """The attack runs of one (threat, attack, defense); white-box ones are not cached on disk: a weight digest cannot
+    tell apart parameter-free defenses (JPEG q=75 / q=90)."""
+    from lib.attacks import attack_surface
+
+    if threat != "white":
+        model = surrogate if threat == "black" else gray_box_models.get(name, classifier)
+        gradient = "surrogate" if threat == "black" else ("classifier" if model is classifier else "custom")
+        return [_Route(threat, model, spec, gradient, use_cache, ("transfer", id(model)))]
+    if defense.randomized and spec.name == "autoattack":   # AutoAttack's own EOT: its `rand` version
+        params = {k: v for k, v in spec.params.items() if k not in ("version", "attacks")}
+        rand = AttackSpec(spec.name, {**params, "version": "rand", "eot_iter": eot_samples}, spec.label, spec.l2_budget)
+        return [_Route("white", attack_surface(classifier, defense), rand, _gradient_route(defense, eot_samples),
+                       False, ("white", name))]
+    routes = [_Route("white", attack_surface(classifier, defense, eot_samples=eot_samples), spec,
+                     _gradient_route(defense, eot_samples), False, ("white", name))]
+    if not defense.differentiable and defense.bpda_purify is not None:
+        identity = attack_surface(classifier, defense, eot_samples=eot_samples, backward_fn=nn.Identity())
+        routes.append(_Route("white-identity", identity, spec, _gradient_route(defense, eot_samples, identity=True),
+                             False, ("white-identity", name)))
+    return routes
 
 
 def _seed_of(*parts: Any) -> int:
@@ -190,8 +283,11 @@ def _seed_of(*parts: Any) -> int:
     return int(cache.config_key(list(parts))[:8], 16)
 
 
-def _gradient_route(defense: Defense, eot_samples: int) -> str:
-    route = "full" if defense.differentiable else ("BPDA-approx" if defense.bpda_purify is not None else "BPDA")
+def _gradient_route(defense: Defense, eot_samples: int, identity: bool = False) -> str:
+    """How the white-box attacker differentiates the defense: `full` (exact), `BPDA-approx` (its own differentiable
+    approximation), `BPDA` (identity backward), `+EOT-k` for a randomised defense averaged over k draws."""
+    approx = defense.bpda_purify is not None and not identity
+    route = "full" if defense.differentiable else ("BPDA-approx" if approx else "BPDA")
     return f"{route}+EOT-{eot_samples}" if defense.randomized and eot_samples > 1 else route
 
 

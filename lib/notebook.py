@@ -13,7 +13,8 @@ import torch
 
 from lib import report
 from lib.data import DatasetUnavailable
-from lib.profiles import load_profile, notebook_config
+from lib.defenses.base import NotBuiltForDataset
+from lib.profiles import dry_run_banner, is_dry_run, load_profile, notebook_config, notebook_profile
 from lib.runtime import get_device, seed_everything
 
 T = TypeVar("T")
@@ -41,8 +42,9 @@ class Run:
     def per_dataset(self, fn: Callable[["Run", str], T], datasets: Sequence[str] | None = None) -> dict[str, T]:
         """{dataset: fn(run, dataset)} over the notebook's datasets (or `datasets`), in order.
 
-        A dataset the profile has no settings for, or that is not on this machine, is recorded as skipped and
-        the loop goes on; RuntimeError when none is left (the skip records say why).
+        A dataset the profile has no settings for, that is not on this machine (DatasetUnavailable), or that a
+        defense of the notebook has no settings for (NotBuiltForDataset), is recorded as skipped and the loop goes
+        on; RuntimeError when none is left (the skip records say why).
         """
         results: dict[str, T] = {}
         names = list(datasets if datasets is not None else self.config["datasets"])
@@ -52,7 +54,7 @@ class Run:
                 continue
             try:
                 results[dataset] = fn(self, dataset)
-            except DatasetUnavailable as err:
+            except (DatasetUnavailable, NotBuiltForDataset) as err:
                 self.skip(f"dataset {dataset}", str(err))
         if not results:
             raise RuntimeError(f"none of the datasets {names} is available in profile {self.profile_name!r}; "
@@ -61,9 +63,11 @@ class Run:
 
 
 def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = None) -> Run:
-    """Load the profile (with dotted-key `overrides`), its section for `notebook`, the results folder (skips of
-    an earlier run forgotten), the device and thread count, and seed everything; prints one line saying so."""
-    loaded = load_profile(profile, overrides)
+    """Load the profile (with dotted-key `overrides`; "<name>-dry-run" for its dry run) as the notebook sees it
+    (lib.profiles.notebook_profile: its `dataset_settings` applied), its section for `notebook`, the results
+    folder (skips of an earlier run forgotten), the device and thread count, and seed everything; prints one line
+    saying so (and a second marking a dry run as no results)."""
+    loaded = notebook_profile(load_profile(profile, overrides), notebook)
     out = report.results_dir(profile, notebook)
     report.reset_skips(out)
     if loaded.get("threads"):
@@ -71,4 +75,6 @@ def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = Non
     seed_everything(loaded["seed"])
     run = Run(loaded, notebook, notebook_config(loaded, notebook), out, get_device())
     print(f"profile={profile}  device={run.device}  threads={torch.get_num_threads()}  results -> {out}")
+    if is_dry_run(loaded):
+        print(dry_run_banner(profile))
     return run

@@ -5,6 +5,7 @@ difference (lib.reference.compare); "best" marks are computed here from the data
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
@@ -48,6 +49,13 @@ def save_table(df: pd.DataFrame, name: str, out_dir: Path, *, caption: str | Non
     md = (f"**{caption}**\n\n" if caption else "") + to_markdown(df, floatfmt) + "\n"
     atomic_write_text(md, md_path)
     return csv_path, md_path
+
+
+def save_tidy(df: pd.DataFrame, name: str, out_dir: Path) -> Path:
+    """Write a long tidy table (e.g. per-example outcomes) as tables/<name>.csv.gz, atomically, without a Markdown copy."""
+    path = Path(out_dir) / "tables" / f"{name}.csv.gz"
+    atomic_write_bytes(gzip.compress(df.to_csv(index=False).encode(), mtime=0), path)
+    return path
 
 
 def save_figure(fig, name: str, out_dir: Path, dpi: int = 120) -> Path:

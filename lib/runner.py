@@ -5,26 +5,36 @@ its error and the others still run; the exit status is 1 if any notebook failed.
 
 Every invocation is one run with an id (UTC time + process id, or --run-id to continue an earlier run), exported
 to the notebook kernels as ADV_RUN_ID. Before a notebook runs, the tables and figures of its previous run are
-moved to <notebook>/previous/; after it, <notebook>/status.json records the run id, ok/failed and the time.
-The reproduction report (lib.reproduction) reads only tables whose status.json names the current run.
+moved to <notebook>/previous/; after it, <notebook>/status.json records the run id, ok/failed/timeout and the
+time. The reproduction report (lib.reproduction) reads only tables whose status.json names the current run.
+A notebook that runs longer than the profile's `notebook_timeout_s` is stopped and reported as "timeout". Ctrl-C
+or SIGTERM stops the run, and SUMMARY.md and manifest.json still say which notebook was interrupted and which
+did not run (exit status 130).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from jupyter_client.manager import AsyncKernelManager
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import default
+
 from lib.cache import atomic_write_text
 from lib.data import REPO_ROOT
-from lib.profiles import PROFILES, load_profile
+from lib.profiles import PROFILES, dry_run_banner, dry_run_name, load_profile
 from lib.report import read_skips, reset_skips, results_dir, results_root
 
 NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
@@ -32,6 +42,7 @@ RUN_ID_ENV = "ADV_RUN_ID"
 STATUS_FILE = "status.json"
 PREVIOUS_DIR = "previous"
 RUN_OUTPUTS = ("tables", "figures", STATUS_FILE)
+INTERRUPTED_EXIT = 130  # the shell's status for a run stopped by a signal (128 + SIGINT)
 MANIFEST_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless",
                      "adversarial-robustness-toolbox", "pyautoattack", "grad-cam", "papermill", "jupyterlab",
                      "ipywidgets", "matplotlib", "seaborn")
@@ -80,10 +91,36 @@ def read_status(out_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def run_notebook(book: Path, profile: str, run_id: str | None = None) -> dict:
+class LocalKernelManager(AsyncKernelManager):
+    """Starts notebook kernels that talk to the runner over Unix domain sockets (ZeroMQ's ipc transport) in the
+    user's Jupyter runtime directory instead of TCP ports on localhost.
+
+    Nothing of the kernel is then reachable through the network stack, so ipykernel has no reason to print its
+    "Kernel is running over TCP without encryption" warning (messages are still signed with the connection
+    file's private key). The socket path is absolute and unique per kernel, because the kernel runs in the
+    notebooks' folder and parallel runners start kernels at the same time.
+    """
+
+    @default("transport")
+    def _default_transport(self) -> str:
+        return "ipc"
+
+    @default("ip")
+    def _default_ip(self) -> str:
+        runtime = Path(jupyter_runtime_dir())
+        runtime.mkdir(parents=True, exist_ok=True)
+        return str(runtime / f"kernel-{uuid.uuid4().hex[:12]}-ipc")
+
+
+def run_notebook(book: Path, profile: str, run_id: str | None = None, timeout_s: float | None = None) -> dict:
     """Execute one notebook as part of run `run_id` (a new run when None); returns its status record (never
-    raises for notebook errors) and writes it to the notebook's status.json."""
+    raises for notebook errors) and writes it to the notebook's status.json.
+
+    `timeout_s` bounds the whole notebook (None: no bound): each cell may run only until the notebook's time is
+    up, then the kernel is stopped and the record's status is "timeout".
+    """
     import papermill as pm
+    from nbclient.exceptions import CellTimeoutError
 
     run_id = run_id or new_run_id()
     out_dir = results_root() / profile / book.stem
@@ -91,12 +128,21 @@ def run_notebook(book: Path, profile: str, run_id: str | None = None) -> dict:
     out_dir = results_dir(profile, book.stem)
     reset_skips(out_dir)
     t0 = time.perf_counter()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def cell_timeout(cell) -> int | None:  # seconds this cell may take: what is left of the notebook's time
+        return None if deadline is None else max(1, math.ceil(deadline - time.monotonic()))
+
     record = {"notebook": book.stem, "status": "ok", "error": ""}
     outer = os.environ.get(RUN_ID_ENV)
     os.environ[RUN_ID_ENV] = run_id  # inherited by the kernel papermill starts
     try:
         pm.execute_notebook(str(book), str(out_dir / book.name), parameters={"profile": profile},
-                            cwd=str(book.parent), progress_bar=False, kernel_name="python3")
+                            cwd=str(book.parent), progress_bar=False, kernel_name="python3",
+                            kernel_manager_class=LocalKernelManager, timeout_func=cell_timeout)
+    except CellTimeoutError:
+        record["status"] = "timeout"
+        record["error"] = f"stopped after the profile's notebook_timeout_s = {timeout_s:g} s"
     except Exception as exc:  # papermill wraps cell errors; report and continue with the next notebook
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {_first_line(getattr(exc, 'evalue', None) or str(exc))}"
@@ -138,11 +184,19 @@ def manifest(profile: dict) -> dict:
 
 
 def summary_markdown(profile: str, records: list[dict], total_seconds: float, run_id: str = "") -> str:
-    """SUMMARY.md: each notebook's status, time and skipped parts, then the failures' errors."""
+    """SUMMARY.md: each notebook's status, time and skipped parts, then the failures' errors (an interrupted
+    run says which notebook was interrupted and which did not run)."""
+    banner = dry_run_banner(profile)
     lines = [f"# Run summary: profile `{profile}`" + (f", run `{run_id}`" if run_id else ""), "",
+             *([banner, ""] if banner else []),
              (f"{sum(r['status'] == 'ok' for r in records)} of {len(records)} notebooks ran to the end "
-              f"in {total_seconds / 60:.1f} min."), "",
-             "| notebook | status | time (s) | skipped parts |", "|---|---|---|---|"]
+              f"in {total_seconds / 60:.1f} min."), ""]
+    stopped = [r["notebook"] for r in records if r["status"] == "interrupted"]
+    if stopped:
+        not_run = [r["notebook"] for r in records if r["status"] == "not run"]
+        lines += [f"**The run was interrupted** during {stopped[0]}; "
+                  f"{'not run: ' + ', '.join(not_run) if not_run else 'it was the last notebook'}.", ""]
+    lines += ["| notebook | status | time (s) | skipped parts |", "|---|---|---|---|"]
     for r in records:
         skipped = "; ".join(f"{s['what']}: {' '.join(s['reason'].split())}" for s in r["skipped"]) or "none"
         lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {skipped.replace('|', '/')} |")
@@ -152,16 +206,49 @@ def summary_markdown(profile: str, records: list[dict], total_seconds: float, ru
     return "\n".join(lines) + "\n"
 
 
+def parse_only(text: str | None) -> list[str] | None:
+    """The notebook prefixes of `--only` ("00,03" -> ["00", "03"]); None when the option was not given.
+    ValueError for an empty prefix (e.g. "--only ," or "--only 00,"), which would otherwise select every notebook."""
+    if text is None:
+        return None
+    prefixes = [p.strip() for p in text.split(",")]
+    if not all(prefixes):
+        raise ValueError(f"--only {text!r} has an empty notebook prefix; give comma-separated prefixes such as 00,03")
+    return prefixes
+
+
+def notebook_timeout(profile: dict) -> float | None:
+    """The profile's `notebook_timeout_s` (seconds one notebook may run; None: no limit)."""
+    value = profile.get("notebook_timeout_s")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ValueError(f"profile {profile['name']!r}: notebook_timeout_s must be a number of seconds > 0 or null, "
+                         f"got {value!r}")
+    return None if value is None else float(value)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C so that the summary of an interrupted run is still written."""
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise _Terminated("SIGTERM")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--profile", default="quick", help=f"one of {', '.join(PROFILES)} (default quick)")
-    parser.add_argument("--only", default="", help="comma-separated notebook name prefixes, e.g. 00,03")
+    parser.add_argument("--only", default=None, help="comma-separated notebook name prefixes, e.g. 00,03")
     parser.add_argument("--run-id", default="", help="continue the run with this id (see a notebook's status.json), "
                         "e.g. to rerun only the report over tables of that run; default: a new run")
+    parser.add_argument("--dry-run", action="store_true", help="the profile capped to a minimum (lib.profiles."
+                        "dry_run): every code path in minutes; results go to results/<profile>-dry-run/, no results")
     args = parser.parse_args(argv)
+    if args.dry_run:
+        args.profile = dry_run_name(args.profile)
     try:
         profile = load_profile(args.profile)
-        books = discover([o.strip() for o in args.only.split(",") if o.strip()])
+        timeout_s = notebook_timeout(profile)
+        books = discover(parse_only(args.only))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -170,21 +257,47 @@ def main(argv: list[str] | None = None) -> int:
     run_id = args.run_id or new_run_id()
     print(f"run {run_id}, profile {args.profile}", flush=True)
     t0 = time.perf_counter()
-    records = []
-    for i, book in enumerate(books, 1):
-        print(f"[{i}/{len(books)}] {book.stem} ...", flush=True)
-        record = run_notebook(book, args.profile, run_id)
-        records.append(record)
-        extra = f" ({len(record['skipped'])} part(s) skipped)" if record["skipped"] else ""
-        print(f"[{i}/{len(books)}] {book.stem} {record['status']} in {record['seconds']:.0f} s{extra}"
-              + (f": {record['error']}" if record["error"] else ""), flush=True)
+    records: list[dict] = []
+    t_book = t0
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        for i, book in enumerate(books, 1):
+            print(f"[{i}/{len(books)}] {book.stem} ...", flush=True)
+            t_book = time.perf_counter()
+            record = run_notebook(book, args.profile, run_id, timeout_s)
+            records.append(record)
+            extra = f" ({len(record['skipped'])} part(s) skipped)" if record["skipped"] else ""
+            print(f"[{i}/{len(books)}] {book.stem} {record['status']} in {record['seconds']:.0f} s{extra}"
+                  + (f": {record['error']}" if record["error"] else ""), flush=True)
+    except KeyboardInterrupt as exc:
+        how = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
+        if len(records) < len(books):
+            print(f"interrupted by {how} during {books[len(records)].stem}", file=sys.stderr, flush=True)
+            records += _interrupted_records(books[len(records):], how, time.perf_counter() - t_book, args.profile,
+                                            run_id)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     out = results_root() / args.profile
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(summary_markdown(args.profile, records, time.perf_counter() - t0, run_id), out / "SUMMARY.md")
     atomic_write_text(json.dumps({**manifest(profile), "run_id": run_id, "notebooks": records}, indent=2),
                       out / "manifest.json")
     print(f"summary: {out / 'SUMMARY.md'}")
+    if any(r["status"] == "interrupted" for r in records):
+        return INTERRUPTED_EXIT
     return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def _interrupted_records(books: list[Path], how: str, seconds: float, profile: str, run_id: str) -> list[dict]:
+    """Status records for an interrupted run: the first of `books` was interrupted (its status.json says so),
+    the rest did not run."""
+    records = [{"notebook": book.stem, "status": "not run", "seconds": 0.0, "skipped": [],
+                "error": f"not run: the run was stopped by {how}"} for book in books]
+    records[0].update(status="interrupted", seconds=round(seconds, 1), error=f"interrupted by {how}")
+    out_dir = results_root() / profile / books[0].stem
+    if out_dir.is_dir():
+        write_status(out_dir, run_id, records[0])
+    return records
 
 
 if __name__ == "__main__":

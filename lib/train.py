@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from lib import cache
 from lib.data import ImageData, load_dataset
+from lib.defenses.base import NotBuiltForDataset
 from lib.profiles import dataset_config
 from lib.runtime import get_device, seed_everything
 
@@ -248,33 +249,39 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
     (the target's architecture trained with PGD adversarial training, Madry et al. 2018, a baseline defense).
 
     Trained on the profile's training subset (or the role's own `train_size`), cached; metadata carries the
-    test accuracy.
+    test accuracy. The role's spec is read by lib.models.classifier_from_spec (arch, width, depth, pretrained,
+    widen_factor...); `image_size` sets the size a folder dataset is decoded at (ImageNet: 224 for ResNet-50, 299
+    for Inception-v3). A `pretrained: true` spec with `epochs: 0` is the published model as it is: nothing is
+    trained, the training split is not loaded.
     """
     from lib.evaluate import accuracy
-    from lib.models import build_classifier
+    from lib.models import ARCH_KEYWORDS, classifier_from_spec
 
     roles = {"target": "classifier", "surrogate": "surrogate", "adversarial": "adversarial"}
     if role not in roles:
         raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(roles)}")
     section = dataset_config(profile, dataset)
     if roles[role] not in section:
-        raise ValueError(f"profile {profile['name']!r} has no {roles[role]!r} settings for dataset {dataset!r}")
+        raise NotBuiltForDataset(f"profile {profile['name']!r} has no {roles[role]!r} settings for dataset {dataset!r}")
     spec = dict(section[roles[role]])
+    size = spec.get("image_size")
+    if spec.get("pretrained") and spec.get("epochs") == 0:
+        return _published_classifier(spec, load_dataset(dataset, "test", n=section.get("test_size"),
+                                                        seed=profile["seed"], image_size=size), device)
     cfg = TrainConfig.from_mapping(spec)
     attack = dict(spec.get("attack", {})) if role == "adversarial" else {}
     from lib.adversarial_training import pgd_training_loss
 
     loss_fn = pgd_training_loss(**attack) if role == "adversarial" else None
-    train_data = load_dataset(dataset, "train", n=spec.get("train_size", section.get("train_size")), seed=profile["seed"])
-    test_data = load_dataset(dataset, "test", n=section.get("test_size"), seed=profile["seed"])
+    train_data = load_dataset(dataset, "train", n=spec.get("train_size", section.get("train_size")), seed=profile["seed"],
+                              image_size=size)
+    test_data = load_dataset(dataset, "test", n=section.get("test_size"), seed=profile["seed"], image_size=size)
     info = train_data.info
     device = device or get_device()
 
     def build() -> nn.Module:
         seed_everything(cfg.seed)
-        return build_classifier(spec["arch"], num_classes=info.num_classes, in_channels=info.channels,
-                                image_size=info.image_size, mean=info.mean, std=info.std,
-                                width=spec.get("width", 1.0), depth=spec.get("depth"))
+        return classifier_from_spec(spec, info)
 
     def train(model: nn.Module, partial: Path) -> dict:
         t0 = time.perf_counter()
@@ -287,5 +294,21 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
     config = {"dataset": dataset, "arch": spec["arch"], "width": spec.get("width", 1.0), "depth": spec.get("depth"),
               "train_data": cache.tensor_digest(train_data.x, train_data.y),
               "test_data": cache.tensor_digest(test_data.x, test_data.y), "train": asdict(cfg), "attack": attack}
+    model_keys = {k: spec[k] for k in ("pretrained", "image_size", *ARCH_KEYWORDS) if k in spec}
+    if model_keys:   # only where set, so the cache keys of the plain specs stay as they were
+        config["model"] = model_keys
     return cached_model(f"classifiers/{dataset}", config, build, train, device=device,
                         code=(pgd_training_loss,) if attack else ())
+
+
+def _published_classifier(spec: Mapping[str, Any], test_data: ImageData,
+                          device: torch.device | None) -> tuple[nn.Module, dict]:
+    """A published pretrained classifier used as it is (nothing trained, nothing cached), with trained_classifier's
+    metadata: its accuracy on `test_data`, no training time."""
+    from lib.evaluate import accuracy
+    from lib.models import classifier_from_spec
+
+    device = device or get_device()
+    model = classifier_from_spec(spec, test_data.info).to(device).eval()
+    return model, {"test_accuracy": accuracy(model, test_data.x, test_data.y, device=device), "train_seconds": 0.0,
+                   "final_loss": None, "train_size": 0, "cache_hit": False, "cache_key": None, "published": True}

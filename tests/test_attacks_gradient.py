@@ -218,3 +218,83 @@ def test_autoattack_validates_options(digits_model, batch):
         autoattack(digits_model, x, y, eps=0.1, norm="L3")
     with pytest.raises(ValueError, match="eps must be"):
         autoattack(digits_model, x, y, eps=-0.1)
+
+
+# ----- evaluation strength: PGD's best iterate and restarts; AutoAttack's own checks -----
+
+def _fooled(model, x_adv, y) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x_adv).argmax(1) != y
+
+
+def test_pgd_best_iterate_fools_every_example_its_last_iterate_fools(digits_model, batch):
+    x, y = batch
+    # a large step makes PGD oscillate, so the last iterate is often not the best one
+    settings = dict(eps=0.1, alpha=0.1, steps=6, random_start=False)
+    last = pgd(digits_model, x, y, **settings)
+    best = pgd(digits_model, x, y, keep_best=True, **settings)
+    fooled_last, fooled_best = _fooled(digits_model, last, y), _fooled(digits_model, best, y)
+    assert bool((fooled_best | ~fooled_last).all())                  # fooled by the last => fooled by the best
+    assert int(fooled_best.sum()) > int(fooled_last.sum())           # and the best iterate found more
+    assert budget(best, x, "linf").max() <= 0.1 + 1e-6
+
+
+def test_pgd_restarts_keep_each_examples_best_run(digits_model, batch):
+    x, y = batch
+    settings = dict(eps=0.06, steps=3)
+    gen = torch.Generator().manual_seed(5)
+    runs = [pgd(digits_model, x, y, generator=gen, **settings) for _ in range(3)]
+    restarted = pgd(digits_model, x, y, restarts=3, generator=torch.Generator().manual_seed(5), **settings)
+    fooled_any = torch.stack([_fooled(digits_model, r, y) for r in runs]).any(0)
+    assert torch.equal(_fooled(digits_model, restarted, y), fooled_any)   # the same three random starts
+    with pytest.raises(ValueError, match="restarts must be"):
+        pgd(digits_model, x, y, eps=0.1, restarts=0)
+
+
+class _Randomised(torch.nn.Module):
+    """A model whose logits change from call to call: AutoAttack's check for randomised models must flag it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x) + 3.0 * torch.randn(len(x), 10)
+
+
+def test_autoattack_checks_are_raised_as_warnings_not_silenced(digits_model, batch):
+    from lib.attacks.autoattack import AutoAttackWarning
+
+    x, y = batch[0][:16], batch[1][:16]
+    with pytest.warns(AutoAttackWarning, match="randomized"):
+        autoattack(_Randomised(digits_model), x, y, eps=0.1, version="custom", attacks=["apgd-ce"], n_iter=2)
+    with pytest.raises(ValueError, match="eot_iter must be"):
+        autoattack(digits_model, x, y, eps=0.1, version="rand", eot_iter=0)
+
+
+class _Dynamic(torch.nn.Module):
+    """A model that differentiates inside its forward pass (as TVM's optimisation does): AutoAttack calls it dynamic."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.enable_grad():
+            v = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(v.square().sum(), v)
+        return self.model(x + 0 * g)
+
+
+def test_autoattack_dynamic_flag_belongs_to_the_flagged_model_only(digits_model, batch):
+    from lib.attacks.autoattack import AutoAttackWarning
+
+    x, y = batch[0][:8], batch[1][:8]
+    settings = dict(eps=0.1, version="custom", attacks=["apgd-ce"], n_iter=2)
+    with pytest.warns(AutoAttackWarning, match="dynamic defense"):
+        autoattack(_Dynamic(digits_model), x, y, **settings)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutoAttackWarning)     # pyautoattack's counters would flag this one too
+        autoattack(digits_model, x, y, **settings)

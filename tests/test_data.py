@@ -1,10 +1,10 @@
-import gzip
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from fixtures import datasets as datasets_fixture
 from lib import data
 
 SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist-test"
@@ -61,19 +61,13 @@ def test_missing_dataset_error_names_it_and_says_how_to_get_it(name, tmp_path):
     assert not data.is_available(name, tmp_path)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as fh:
-        fh.write(header + array.astype(np.uint8).tobytes())
-
-
 def test_idx_reader_on_torchvision_layout(tmp_path):
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", 30), ("t10k", 20)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+        datasets_fixture.write_idx(raw / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        datasets_fixture.write_idx(raw / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     assert data.is_available("mnist", tmp_path)
     d = data.load_dataset("mnist", "test", root=tmp_path, download=False)
     assert d.x.shape == (20, 1, 28, 28) and torch.equal(d.y, torch.arange(20) % 10)
@@ -101,3 +95,61 @@ def test_availability_table_lists_every_dataset():
     table = data.availability()
     assert list(table["dataset"]) == list(data.DATASETS)
     assert bool(table.set_index("dataset").loc["digits", "available"])
+
+
+# --------------------------------------------------------------------------- fixtures in each real on-disk format
+
+FIXTURE_SPLITS = {"train": datasets_fixture.TRAIN, "test": datasets_fixture.TEST}
+
+
+@pytest.fixture(scope="module")
+def fixture_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    datasets_fixture.write_datasets(root)
+    return root
+
+
+@pytest.fixture
+def trusted(fixture_root, monkeypatch):
+    for obj, name, value in datasets_fixture.trusted_attributes(fixture_root):
+        monkeypatch.setattr(obj, name, value)
+    return fixture_root
+
+
+@pytest.mark.parametrize("name", list(datasets_fixture.WRITERS))
+@pytest.mark.parametrize("split", list(FIXTURE_SPLITS))
+def test_each_loader_reads_its_fixture(name, split, trusted):
+    info = data.dataset_info(name)
+    assert data.is_available(name, trusted)
+    d = data.load_dataset(name, split, root=trusted, download=False)
+    assert d.x.shape == (FIXTURE_SPLITS[split], info.channels, info.image_size, info.image_size)
+    assert d.x.dtype == torch.float32
+    assert 0.0 <= float(d.x.min()) and float(d.x.max()) <= 1.0
+    classes = torch.unique(d.y)
+    assert len(classes) == datasets_fixture.CLASSES and int(classes.max()) < info.num_classes
+    # each class has its own brightness in the fixture: the labels came through in the pixels' order
+    brightness = torch.stack([d.x[d.y == c].mean() for c in classes])
+    assert bool((brightness.diff() > 0).all()), brightness
+
+
+def test_svhn_label_10_is_the_digit_0(trusted):
+    d = data.load_dataset("svhn", "test", root=trusted, download=False)
+    assert int(d.y.min()) == 0 and torch.equal(d.y[:4], torch.arange(4))
+
+
+def test_torchvision_checks_fixture_files_against_their_own_checksums(fixture_root, monkeypatch):
+    import torchvision.datasets as tvd
+
+    with pytest.raises(RuntimeError, match="not found or corrupted"):
+        tvd.CIFAR10(str(fixture_root), train=False)   # the published MD5s: a fixture file cannot pass
+    for obj, name, value in datasets_fixture.trusted_attributes(fixture_root):
+        monkeypatch.setattr(obj, name, value)
+    assert len(tvd.CIFAR100(str(fixture_root), train=True)) == datasets_fixture.TRAIN
+    damaged = fixture_root / "svhn" / "test_32x32.mat"
+    original = damaged.read_bytes()
+    try:
+        damaged.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        with pytest.raises(RuntimeError, match="not found or corrupted"):
+            tvd.SVHN(str(fixture_root / "svhn"), split="test")
+    finally:
+        damaged.write_bytes(original)

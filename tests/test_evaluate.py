@@ -116,3 +116,77 @@ def test_threat_table_is_reproducible_with_randomised_defenses_and_crafts_each_a
     cols = ["threat", "clean_acc", "robust_acc"]
     assert first[cols].equals(second[second.attack == "FGSM 0.2"][cols].reset_index(drop=True))
     assert second.groupby("threat").robust_acc.nunique().eq(1).all()
+
+
+# ----- gradient routes -----
+
+def test_sfm_white_box_gradient_is_exact_autograd_through_mask_median_and_its_own_classifier(digits_model, digits_batch):
+    """The white-box surface of SFM (mask, then 2x2 median, then SFM's own F) differentiates exactly: its input gradient
+    equals autograd through an independent composition (a sort-based median), and its route is labelled `full`."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from lib.defenses.sfm import SFMDefense
+    from lib.defenses.sfm.networks import AttentionUNet
+    from lib.defenses.squeeze import MedianFilter
+    from lib.evaluate import _routes
+
+    torch.manual_seed(0)
+    x, y = digits_batch[0][:8], digits_batch[1][:8]
+    x = 0.05 + 0.9 * x + 0.01 * torch.rand_like(x)          # no ties in a window: the median's gradient is unique
+    masker, own_f = AttentionUNet(1, base_width=4, depth=2).eval(), copy.deepcopy(digits_model).eval()
+    defense = SFMDefense(masker, MedianFilter(2))
+    (route,) = _routes("white", FGSM, "sfm", defense, own_f, None, {}, 1, False)
+    assert route.gradient == "full"
+
+    def reference(t):                    # median of the 2x2 window i-1..i (symmetric padding), upper middle value
+        masked = t * masker(t)
+        padded = torch.cat([masked[..., :1, :], masked], 2)
+        padded = torch.cat([padded[..., :1], padded], 3)
+        windows = padded.unfold(2, 2, 1).unfold(3, 2, 1).flatten(-2)
+        return own_f(windows.sort(-1).values[..., 2])
+
+    grads = []
+    for model in (route.model, reference):
+        x_var = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_var), y), x_var)
+        grads.append(grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ----- per-example outcomes and the ensemble's worst case -----
+
+class _Threshold(torch.nn.Module):
+    """Class 1 when the first pixel exceeds 0.5, else class 0."""
+
+    def forward(self, x):
+        v = x[:, 0, 0, 0]
+        return torch.stack([0.5 - v, v - 0.5], 1)
+
+
+def _fool_half(first: bool):
+    def attack(model, x, y, *, eps):
+        x_adv = x.clone()
+        half = len(x) // 2
+        x_adv[(slice(0, half) if first else slice(half, None)), 0, 0, 0] = eps
+        return x_adv
+    return attack
+
+
+def test_ensemble_accuracy_is_the_per_example_worst_case(monkeypatch):
+    from lib import attacks
+    from lib.evaluate import ensemble_accuracy, threat_outcomes
+
+    monkeypatch.setitem(attacks.ATTACKS, "first_half", _fool_half(True))
+    monkeypatch.setitem(attacks.ATTACKS, "second_half", _fool_half(False))
+    x, y = torch.zeros(10, 1, 2, 2), torch.zeros(10, dtype=torch.long)
+    specs = [AttackSpec("first_half", {"eps": 1.0}, "A"), AttackSpec("second_half", {"eps": 1.0}, "B")]
+    rows, examples = threat_outcomes(_Threshold(), {"none": NoDefense()}, x, y, specs, threats=("gray",),
+                                     device=torch.device("cpu"), use_cache=False)
+    assert rows.robust_acc.tolist() == [50.0, 50.0] and rows.norm.eq("linf").all()
+    assert len(examples) == 20 and set(examples.columns) >= {"example", "correct", "clean_correct", "linf", "l2"}
+    assert examples.groupby("attack").correct.mean().eq(0.5).all() and examples.clean_correct.all()
+    assert examples[~examples.correct].linf.eq(1.0).all() and examples[examples.correct].l2.eq(0.0).all()
+    assert ensemble_accuracy(examples).loc[("none", "gray")] == 0.0       # where the lowest single attack gives 50%

@@ -30,6 +30,14 @@ def test_denoiser_matches_table6_and_keeps_shape_and_range():
         assert out.min() >= 0 and out.max() <= 1
 
 
+def test_denoiser_keeps_any_image_size():
+    # issue 16: the U-Net denoiser takes any side (28x28 MNIST, odd sizes), output shape equal to the input's
+    generator = torch.Generator().manual_seed(0)
+    for size in [(28, 28), (17, 23)]:
+        x = torch.rand(2, 3, *size, generator=generator)
+        assert idfr.InputDenoiser(3, width=0.25).eval()(x).shape == x.shape
+
+
 def test_denoiser_flags():
     x = torch.rand(3, 1, 16, 16)
     raw = idfr.InputDenoiser(1, width=0.25, clamp01=False).eval()
@@ -182,7 +190,7 @@ def test_fr_objective_decreases_and_training_leaves_the_target_frozen(digits_mod
             opt.step()
             losses.append(float(loss.detach()))
     assert losses[-1] < 0.5 * losses[0], losses
-    hist = idfr.train_restorer(fr, digits_model, sampler, idfr.FRConfig(epochs=2, steps_per_epoch=5),
+    hist = idfr.train_feature_restorer(fr, digits_model, sampler, idfr.FRConfig(epochs=2, steps_per_epoch=5),
                                device=torch.device("cpu"))
     assert len(hist) == 2 and all(np.isfinite(h["loss"]) for h in hist)
     assert all(torch.equal(before[k], v) for k, v in digits_model.state_dict().items())

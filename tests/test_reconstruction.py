@@ -10,7 +10,7 @@ from lib.defenses.base import Built, Defended
 from lib.defenses.reconstruction import (
     EDSRRestorer, PixelDepthCompression, ReconstructionDefense, RestorerConfig, bim_schedule, build,
     clip_to_linf_ball, edsr_lr_factor, edsr_parameter_count, quantize, restorer_loss, straight_through_quantize,
-    train_restorer, trained_reconstruction,
+    train_edsr, trained_reconstruction,
 )
 from lib.evaluate import accuracy
 from lib.profiles import load_profile
@@ -134,7 +134,7 @@ def test_training_lowers_the_eq_4_loss_on_a_fixed_batch():
     cfg = RestorerConfig(levels=4, n_feats=8, n_blocks=1, epochs=30, batch_size=64, lr=3e-3, p_adv=0.0)
     with torch.no_grad():
         before = float(restorer_loss(net(quantize(x, 4)), x))
-    history = train_restorer(net, x, x_adv, cfg, device=CPU)
+    history = train_edsr(net, x, x_adv, cfg, device=CPU)
     with torch.no_grad():
         after = float(restorer_loss(net(quantize(x, 4)), x))
     assert len(history) == 30 and history[0]["adv_fraction"] == 0.0
@@ -150,14 +150,14 @@ def test_training_is_deterministic_and_redraws_the_adversarial_half_each_epoch()
     for _ in range(2):
         torch.manual_seed(0)
         net = EDSRRestorer(1, 4, 1)
-        runs.append((net, train_restorer(net, x, x_adv, cfg, device=CPU)))
+        runs.append((net, train_edsr(net, x, x_adv, cfg, device=CPU)))
     (a, ha), (b, hb) = runs
     assert ha == hb and all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
     assert list(ha[0]) == ["epoch", "lr", "loss", "adv_fraction"]
     fractions = [h["adv_fraction"] for h in ha]
     assert all(0.2 < f < 0.8 for f in fractions) and len(set(fractions)) > 1
     with pytest.raises(ValueError, match="shapes differ"):
-        train_restorer(EDSRRestorer(1, 4, 1), x, x_adv[:10], cfg, device=CPU)
+        train_edsr(EDSRRestorer(1, 4, 1), x, x_adv[:10], cfg, device=CPU)
 
 
 # --------------------------------------------------------------------------- attack helpers

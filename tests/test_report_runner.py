@@ -1,5 +1,6 @@
 import json
 import os
+import time
 
 import pandas as pd
 import pytest
@@ -46,7 +47,7 @@ def _notebook(path, source):
 
 
 @pytest.mark.notebook
-def test_runner_reports_a_failing_notebook_and_keeps_going(tmp_path, monkeypatch):
+def test_runner_reports_a_failing_notebook_and_keeps_going(tmp_path, monkeypatch, capfd):
     books = tmp_path / "notebooks"
     books.mkdir()
     _notebook(books / "01_ok.ipynb", "from lib import report\nreport.record_skip(report.results_dir(profile, '01_ok'), 'part', 'why')")
@@ -74,6 +75,7 @@ def test_runner_reports_a_failing_notebook_and_keeps_going(tmp_path, monkeypatch
     assert (out / "tables" / "run.txt").read_text() == manifest["run_id"]     # the kernel saw the run id
     assert not stale.exists() and (out / "previous" / "tables" / "stale.csv").is_file()
     assert "ADV_RUN_ID" not in os.environ
+    assert "without encryption" not in capfd.readouterr().err    # kernels over Unix sockets: no TCP warning
 
 
 def test_outputs_of_the_previous_run_are_set_aside(tmp_path):
@@ -89,3 +91,108 @@ def test_outputs_of_the_previous_run_are_set_aside(tmp_path):
         assert runner.read_status(out) is None and not (out / "tables").exists()
     assert [p.name for p in (out / "previous" / "tables").iterdir()] == ["second.csv"]   # the older one replaced
     assert runner.read_status(out / "previous")["run_id"] == "second"
+
+
+def test_only_with_an_empty_prefix_is_refused(capsys):
+    assert runner.main(["--profile", "smoke", "--only", ","]) == 2
+    assert "empty notebook prefix" in capsys.readouterr().err
+    assert runner.parse_only(None) is None and runner.parse_only(" 00, 03") == ["00", "03"]
+
+
+@pytest.mark.parametrize("how, exc", [("Ctrl-C", KeyboardInterrupt()), ("SIGTERM", runner._Terminated("SIGTERM"))])
+def test_an_interrupted_run_still_writes_its_summary(tmp_path, monkeypatch, how, exc):
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    for name in ("01_a", "02_b", "03_c"):
+        (books / f"{name}.ipynb").write_text("{}")
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", books)
+    monkeypatch.setenv("ADV_RESULTS_DIR", str(tmp_path / "results"))
+    stale = tmp_path / "results" / "smoke" / "SUMMARY.md"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("| 01_a | ok |\n| 02_b | ok |\n| 03_c | ok |\n")
+
+    def fake_run(book, profile, run_id, timeout_s):
+        out = report.results_dir(profile, book.stem)
+        if book.stem == "02_b":
+            raise exc
+        record = {"notebook": book.stem, "status": "ok", "error": "", "seconds": 0.1, "skipped": []}
+        runner.write_status(out, run_id, record)
+        return record
+
+    monkeypatch.setattr(runner, "run_notebook", fake_run)
+    assert runner.main(["--profile", "smoke"]) == runner.INTERRUPTED_EXIT
+    summary = stale.read_text()
+    assert "interrupted** during 02_b; not run: 03_c" in summary
+    assert "| 01_a | ok |" in summary and "| 02_b | interrupted |" in summary and "| 03_c | not run |" in summary
+    manifest = json.loads((stale.parent / "manifest.json").read_text())
+    assert [r["status"] for r in manifest["notebooks"]] == ["ok", "interrupted", "not run"]
+    assert runner.read_status(stale.parent / "02_b")["error"] == f"interrupted by {how}"
+
+
+def test_notebook_timeout_comes_from_the_profile():
+    assert runner.notebook_timeout({"name": "p", "notebook_timeout_s": 60}) == 60.0
+    assert runner.notebook_timeout({"name": "p", "notebook_timeout_s": None}) is None
+    for bad in (0, -5, "10", True):
+        with pytest.raises(ValueError, match="notebook_timeout_s must be a number of seconds > 0"):
+            runner.notebook_timeout({"name": "p", "notebook_timeout_s": bad})
+
+
+@pytest.mark.notebook
+def test_a_notebook_past_its_timeout_is_stopped_and_reported(tmp_path, monkeypatch):
+    books = tmp_path / "notebooks"
+    books.mkdir()
+    _notebook(books / "01_slow.ipynb", "import time\ntime.sleep(60)")
+    monkeypatch.setattr(runner, "NOTEBOOKS_DIR", books)
+    monkeypatch.setenv("ADV_RESULTS_DIR", str(tmp_path / "results"))
+    monkeypatch.setattr(runner, "notebook_timeout", lambda profile: 3.0)
+    t0 = time.perf_counter()
+    assert runner.main(["--profile", "smoke"]) == 1
+    assert time.perf_counter() - t0 < 40
+    summary = (tmp_path / "results" / "smoke" / "SUMMARY.md").read_text()
+    assert "| 01_slow | timeout |" in summary and "notebook_timeout_s = 3 s" in summary
+    assert runner.read_status(tmp_path / "results" / "smoke" / "01_slow")["status"] == "timeout"
+
+
+def test_two_runs_sharing_a_results_folder_both_write_whole_files(tmp_path):
+    """Writers of the same tables, figures and texts at the same time (as two runs sharing results/) all
+    succeed; every final file is one writer's whole content and no temporary file is left behind."""
+    import threading
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lib.cache import atomic_write_text
+
+    tables = {w: pd.DataFrame({"writer": [w] * 200, "value": range(200)}) for w in range(4)}
+    figures = {}
+    for w in range(4):
+        figures[w], ax = plt.subplots(figsize=(1, 1))
+        ax.plot([0, w])
+    errors = []
+
+    def write(w):
+        try:
+            for _ in range(25):
+                report.save_table(tables[w], "shared", tmp_path, caption=f"writer {w}")
+                report.save_figure(figures[w], "shared", tmp_path, dpi=20)
+                atomic_write_text(f"writer {w}\n" * 1000, tmp_path / "SUMMARY.md")
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for fig in figures.values():
+        plt.close(fig)
+    assert errors == []
+    table = pd.read_csv(tmp_path / "tables" / "shared.csv")
+    assert len(table) == 200 and table["writer"].nunique() == 1
+    md = (tmp_path / "tables" / "shared.md").read_text().splitlines()
+    assert md[0].startswith("**writer ") and len(md) == 2 + 2 + 200
+    assert (tmp_path / "figures" / "shared.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = set((tmp_path / "SUMMARY.md").read_text().splitlines())
+    assert len(lines) == 1 and len((tmp_path / "SUMMARY.md").read_text()) == len(f"{lines.pop()}\n") * 1000
+    assert not list(tmp_path.rglob("*.tmp"))

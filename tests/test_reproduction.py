@@ -135,3 +135,16 @@ def test_a_table_over_several_datasets_gives_one_comparison_per_paper_column(res
     assert like.attrs["kind"] == reproduction.LIKE_FOR_LIKE and list(like["ours"]) == [50.0, 40.0]
     assert stand_in.attrs["kind"] == reproduction.STAND_IN and list(stand_in["paper"]) == [70.0]
     assert "paper (CIFAR10; ours cifar100)" not in like.columns
+
+
+def test_report_lists_the_benchmark_sanity_warnings_of_this_run(results):
+    sanity = pd.DataFrame({"dataset": ["digits"] * 2, "defense": ["tvm", "jpeg"], "check": ["(a) unbounded"] * 2,
+                           "status": ["WARN", "PASS"], "measured": ["6.2%", "0.0%"],
+                           "explanation": ["randomised: EOT needed", ""]})
+    _write_table(results, reproduction.BENCHMARK, "digits_sanity", sanity)
+    assert reproduction.benchmark_sanity("smoke", RUN).empty          # notebook 09 did not finish in this run
+    _finish(results, reproduction.BENCHMARK)
+    rep = reproduction.write_report("smoke", run_id=RUN)
+    assert list(rep.sanity["defense"]) == ["tvm"]
+    section = rep.markdown.split("## Benchmark sanity checks that warn (notebook 09)")[1].split("\n## ")[0]
+    assert "tvm" in section and "randomised: EOT needed" in section and "jpeg" not in section

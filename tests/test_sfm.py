@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from lib.attacks import attack_surface, fgsm
 from lib.data import ImageData, dataset_info
@@ -48,9 +49,31 @@ def test_full_scale_unet_has_the_attu_net_size():
     assert 34e6 < n < 36e6
 
 
+@pytest.mark.parametrize("height,width", [(28, 28), (17, 23), (8, 8)])
+def test_depth5_unet_works_at_any_image_size(height, width):
+    # regression (issue 16): the paper's depth-5 U-Net crashed on 28x28 (Fashion-)MNIST, sides not divisible by 16
+    torch.manual_seed(0)
+    net = AttentionUNet(1, 4, 5).eval()
+    x = torch.rand(2, 1, height, width)
+    with torch.no_grad():
+        m = net(x)
+    assert m.shape == (2, 1, height, width)
+    assert float(m.min()) >= 0.0 and float(m.max()) <= 1.0
+
+
+def test_unet_pads_only_sides_that_need_it():
+    torch.manual_seed(0)
+    net = AttentionUNet(1, 4, 3).eval()
+    x = torch.rand(2, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(net(x), net._mask(x))                        # divisible: no padding at all
+        padded = F.pad(x[..., :14, :15], (0, 1, 1, 1), mode="replicate")  # 14x15 -> 16x16, centred as forward does
+        assert torch.equal(net(x[..., :14, :15]), net._mask(padded)[..., 1:15, 0:15])
+
+
 def test_unet_rejects_bad_shapes_and_depths():
-    with pytest.raises(ValueError, match="divisible by 4"):
-        AttentionUNet(1, 4, 3)(torch.rand(2, 1, 10, 10))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        AttentionUNet(1, 4, 3)(torch.rand(1, 10, 10))
     with pytest.raises(ValueError, match="depth"):
         AttentionUNet(1, 4, 1)
 

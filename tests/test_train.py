@@ -172,15 +172,13 @@ def test_damaged_cache_entry_is_named_moved_aside_and_recomputed(damage):
     assert torch.equal(cache.load(path)["x"], first["x"])     # the recomputed entry is sound
 
 
-def test_orphaned_temporary_files_are_removed_and_writes_are_readable_by_others(tmp_path):
+def test_orphaned_temporary_files_are_removed_and_writes_are_readable_by_others(tmp_path, monkeypatch):
     old, fresh = tmp_path / "a.pt.x1.tmp", tmp_path / "b.pt.x2.tmp"
     for f in (old, fresh):
         f.write_bytes(b"partial")
     os.utime(old, (time.time() - 2 * cache.ORPHAN_SECONDS,) * 2)
     assert cache.remove_orphans(tmp_path) == [old] and fresh.exists()
-    previous = os.umask(0o022)
-    try:
+    for umask, mode in ((0o022, 0o644), (0o077, 0o600)):
+        monkeypatch.setattr(cache, "_UMASK", umask)
         cache.atomic_write_text("hello", tmp_path / "t.md")
-    finally:
-        os.umask(previous)
-    assert (tmp_path / "t.md").stat().st_mode & 0o777 == 0o644
+        assert (tmp_path / "t.md").stat().st_mode & 0o777 == mode

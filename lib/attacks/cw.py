@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import check_attack_inputs, check_nonnegative, check_positive_int
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,8 +53,7 @@ def cw_l2_details(model: Model, x: torch.Tensor, y: torch.Tensor, *, c: float = 
                   steps: int = 100, lr: float = 0.01, binary_steps: int = 5, targeted: bool = False,
                   abort_early: bool = True) -> CWResult:
     """Run CW-L2 and return the smallest-L2 successful example per sample (x where none) with diagnostics."""
-    check_images(x)
-    check_labels(y, x.shape[0])
+    check_attack_inputs(model, x, y)
     for value, name in ((c, "c"), (kappa, "kappa"), (lr, "lr")):
         check_nonnegative(value, name)
     check_positive_int(steps, "steps")

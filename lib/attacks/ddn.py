@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import check_attack_inputs, check_nonnegative, check_positive_int
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,8 +29,7 @@ def ddn(model: Model, x: torch.Tensor, y: torch.Tensor, *, steps: int = 100, gam
 
     `generator` seeds the random direction used where a gradient is exactly zero (as the reference does).
     """
-    check_images(x)
-    check_labels(y, x.shape[0])
+    check_attack_inputs(model, x, y)
     check_positive_int(steps, "steps")
     check_nonnegative(gamma, "gamma")
     check_nonnegative(init_norm, "init_norm")

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import check_attack_inputs, check_nonnegative, check_positive_int
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -23,8 +23,7 @@ _STEP_SLACK = 1e-4  # added to each step's distance, as in the reference code, t
 def deepfool(model: Model, x: torch.Tensor, y: torch.Tensor, *, steps: int = 50, overshoot: float = 0.02,
              num_candidates: int = 10) -> torch.Tensor:
     """Untargeted L2 DeepFool; samples misclassified at the start are returned unchanged."""
-    check_images(x)
-    check_labels(y, x.shape[0])
+    check_attack_inputs(model, x, y)
     check_positive_int(steps, "steps")
     check_nonnegative(overshoot, "overshoot")
     check_positive_int(num_candidates, "num_candidates")

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import check_attack_inputs, check_nonnegative, check_positive_int
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -22,11 +22,10 @@ _LOSSES = ("ce", "cw")
 _NORMS = ("linf", "l2")
 
 
-def _check_inputs(x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 1,
+def _check_inputs(model: Model, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 1,
                   alpha: float | None = None) -> torch.Tensor:
-    """Validate the common arguments and return y as int64 on x's device."""
-    check_images(x)
-    check_labels(y, x.shape[0])
+    """Validate the common arguments (labels in the model's range) and return y as int64 on x's device."""
+    check_attack_inputs(model, x, y)
     check_nonnegative(eps, "eps")
     check_positive_int(steps, "steps")
     if alpha is not None:
@@ -41,12 +40,15 @@ def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return z_other - z_y
 
 
+def _objectives(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: bool) -> torch.Tensor:
+    """Per-sample value the attacker ascends: CE / CW margin away from y, or towards target y when targeted."""
+    value = F.cross_entropy(logits, y, reduction="none") if loss == "ce" else _margin(logits, y)
+    return -value if targeted else value
+
+
 def _objective(logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: bool) -> torch.Tensor:
-    """Scalar the attacker ascends: CE / CW margin away from y, or towards target y when targeted."""
-    if loss == "ce":
-        ce = F.cross_entropy(logits, y, reduction="sum")
-        return -ce if targeted else ce
-    return (-_margin(logits, y) if targeted else _margin(logits, y)).sum()
+    """Scalar the attacker ascends: the per-sample objectives summed over the batch."""
+    return _objectives(logits, y, loss, targeted).sum()
 
 
 def input_gradient(model: Model, x: torch.Tensor, y: torch.Tensor, *, loss: str = "ce",
@@ -88,40 +90,87 @@ def _random_start(x: torch.Tensor, eps: float, norm: str, generator: torch.Gener
 
 def fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, targeted: bool = False) -> torch.Tensor:
     """Fast Gradient Sign Method (Goodfellow et al. 2015): one signed-gradient step of size eps."""
-    y = _check_inputs(x, y, eps)
+    y = _check_inputs(model, x, y, eps)
     grad = input_gradient(model, x, y, targeted=targeted)
     return (x.detach() + eps * grad.sign()).clamp(0.0, 1.0)
 
 
+class _BestIterate:
+    """Per example, the most successful iterate seen so far: one that fools the model beats one that does not; among
+    equals the higher attack objective wins (the best-iterate rule of Croce & Hein's APGD)."""
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x.clone()
+        self.fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.value = torch.full((len(x),), float("-inf"), device=x.device, dtype=x.dtype)
+
+    def update(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, loss: str, targeted: bool) -> None:
+        with torch.no_grad():
+            value = _objectives(logits, y, loss, targeted).to(self.value.dtype)
+            hit = logits.argmax(1) == y
+            fooled = hit if targeted else ~hit
+            better = (fooled & ~self.fooled) | ((fooled == self.fooled) & (value > self.value))
+            self.x[better], self.fooled[better], self.value[better] = x[better].detach(), fooled[better], value[better]
+
+
+def _pgd_run(model: Model, x0: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, norm: str,
+             random_start: bool, targeted: bool, loss: str, generator: torch.Generator | None,
+             best: _BestIterate | None) -> torch.Tensor:
+    """One PGD run from x0 (or a random start in the ball); every iterate, the last included, is offered to `best`."""
+    x_adv = _random_start(x0, eps, norm, generator) if random_start else x0.clone()
+    lower, upper = (x0 - eps).clamp_min(0.0), (x0 + eps).clamp_max(1.0)
+    for _ in range(steps):
+        with torch.enable_grad():
+            x_var = x_adv.detach().requires_grad_(True)
+            logits = model(x_var)
+            (grad,) = torch.autograd.grad(_objective(logits, y, loss, targeted), x_var)
+        if best is not None:
+            best.update(x_adv, logits, y, loss, targeted)
+        if norm == "linf":
+            x_adv = torch.clamp(x_adv + alpha * grad.sign(), lower, upper)
+        else:
+            delta = x_adv + alpha * grad / (_per_sample_norm(grad, 2) + _TINY) - x0
+            scale = (eps / (_per_sample_norm(delta, 2) + _TINY)).clamp_max(1.0)
+            x_adv = (x0 + delta * scale).clamp(0.0, 1.0)
+    x_adv = x_adv.detach()
+    if best is not None:
+        with torch.no_grad():
+            best.update(x_adv, model(x_adv), y, loss, targeted)
+    return x_adv
+
+
 def pgd(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
         steps: int = 10, norm: str = "linf", random_start: bool = True, targeted: bool = False,
-        loss: str = "ce", generator: torch.Generator | None = None) -> torch.Tensor:
+        loss: str = "ce", restarts: int = 1, keep_best: bool = False,
+        generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient descent (Madry et al. 2018) in the L-inf or L2 ball, clipped to [0, 1] every step.
 
     alpha defaults to 2.5 * eps / steps. L-inf steps follow the gradient's sign; L2 steps follow the
     per-sample unit-L2 gradient and project back onto the ball. loss="cw" ascends the logit margin
     max_{j != y} Z_j - Z_y (unclamped, kappa = 0) instead of cross-entropy.
+    By default the last iterate of one run is returned (Madry et al.'s PGD, as torchattacks and the papers run it).
+    For evaluation, keep_best=True returns per example the best iterate of every step and `restarts` runs (an
+    iterate that fools the model first, else the highest objective); restarts > 1 alone picks per example the best of
+    the runs' last iterates. Restarts after the first always start at random.
     """
-    y = _check_inputs(x, y, eps, steps, alpha)
+    y = _check_inputs(model, x, y, eps, steps, alpha)
+    check_positive_int(restarts, "restarts")
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
     if loss not in _LOSSES:
         raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}")
     alpha = 2.5 * eps / steps if alpha is None else alpha
     x0 = x.detach()
-    x_adv = _random_start(x0, eps, norm, generator) if random_start else x0.clone()
-    if norm == "linf":
-        lower, upper = (x0 - eps).clamp_min(0.0), (x0 + eps).clamp_max(1.0)
-        for _ in range(steps):
-            grad = input_gradient(model, x_adv, y, loss=loss, targeted=targeted)
-            x_adv = torch.clamp(x_adv + alpha * grad.sign(), lower, upper)
-    else:
-        for _ in range(steps):
-            grad = input_gradient(model, x_adv, y, loss=loss, targeted=targeted)
-            delta = x_adv + alpha * grad / (_per_sample_norm(grad, 2) + _TINY) - x0
-            scale = (eps / (_per_sample_norm(delta, 2) + _TINY)).clamp_max(1.0)
-            x_adv = (x0 + delta * scale).clamp(0.0, 1.0)
-    return x_adv.detach()
+    if restarts == 1 and not keep_best:
+        return _pgd_run(model, x0, y, eps, alpha, steps, norm, random_start, targeted, loss, generator, None)
+    best = _BestIterate(x0)
+    for run in range(restarts):
+        last = _pgd_run(model, x0, y, eps, alpha, steps, norm, random_start or run > 0, targeted, loss, generator,
+                        best if keep_best else None)
+        if not keep_best:
+            with torch.no_grad():
+                best.update(last, model(last), y, loss, targeted)
+    return best.x
 
 
 def pgd_l2(model: Model, x: torch.Tensor, y: torch.Tensor, **params) -> torch.Tensor:
@@ -153,7 +202,7 @@ def _momentum_sign_attack(model: Model, x: torch.Tensor, y: torch.Tensor, eps: f
 def mi_fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: float | None = None,
             steps: int = 10, decay: float = 1.0, targeted: bool = False) -> torch.Tensor:
     """Momentum iterative FGSM (Dong et al. 2018); alpha defaults to eps / steps, no random start."""
-    y = _check_inputs(x, y, eps, steps, alpha)
+    y = _check_inputs(model, x, y, eps, steps, alpha)
     check_nonnegative(decay, "decay")
     alpha = eps / steps if alpha is None else alpha
     return _momentum_sign_attack(model, x, y, eps, alpha, steps, decay, targeted, transform=None)
@@ -185,7 +234,7 @@ def di_fgsm(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
             targeted: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
     """Diverse-inputs iterative FGSM (Xie et al. 2019): gradients through random resize-and-pad;
     decay > 0 adds MI-FGSM momentum (M-DI2-FGSM). alpha defaults to eps / steps."""
-    y = _check_inputs(x, y, eps, steps, alpha)
+    y = _check_inputs(model, x, y, eps, steps, alpha)
     check_nonnegative(decay, "decay")
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"prob must lie in [0, 1], got {prob}")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lib.attacks.cw import margin_loss, succeeded
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import check_attack_inputs, check_nonnegative, check_positive_int
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,8 +66,7 @@ def stadv_details(model: Model, x: torch.Tensor, y: torch.Tensor, *, tau: float 
                   kappa: float = 0.0, lr: float = 0.01, targeted: bool = False,
                   fail_mode: str = "last") -> StAdvResult:
     """Optimise a flow per sample with Adam; return the smoothest successful warp (see module docstring)."""
-    check_images(x)
-    check_labels(y, x.shape[0])
+    check_attack_inputs(model, x, y)
     for value, name in ((tau, "tau"), (kappa, "kappa"), (lr, "lr")):
         check_nonnegative(value, name)
     check_positive_int(steps, "steps")

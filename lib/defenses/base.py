@@ -7,13 +7,21 @@ trained model, IDFR's feature-restored classifier). Registry, benchmark and expl
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Protocol
 
 import torch
 from torch import nn
 
+from lib.validate import check_images
+
 Profile = Mapping[str, Any]
+
+
+class NotBuiltForDataset(ValueError):
+    """A defense has no settings for a dataset in the profile (its paper did not use the dataset, or the profile
+    leaves it out), so its factory cannot build it there. Notebooks record it as a skip and go on with the rest."""
 
 
 class Defense(nn.Module):
@@ -25,11 +33,20 @@ class Defense(nn.Module):
     `bpda_purify`: a differentiable approximation of `purify` for BPDA's backward pass, when the defense has a
     better one than the identity; None otherwise.
     `stages(x)`: named intermediate images (mask, masked, compressed, restored...) for figures and the explorer.
+
+    Every subclass's `purify` checks its input first (lib.validate.check_images: a finite float batch (N, C, H, W)
+    in [0, 1]), wrapped on once here, so NaN, infinite or 0-255 images get one clear error from any defense
+    instead of a silent result; the check leaves gradients untouched.
     """
 
     differentiable: bool = True
     randomized: bool = False
     bpda_purify: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "purify" in cls.__dict__:
+            cls.purify = _checked_purify(cls.__dict__["purify"])
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -40,6 +57,18 @@ class Defense(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.purify(x)
+
+
+def _checked_purify(purify: Callable[[Defense, torch.Tensor], torch.Tensor]
+                    ) -> Callable[[Defense, torch.Tensor], torch.Tensor]:
+    """`purify` with its input checked by check_images first."""
+
+    @functools.wraps(purify)
+    def checked(self: Defense, x: torch.Tensor) -> torch.Tensor:
+        check_images(x)
+        return purify(self, x)
+
+    return checked
 
 
 @dataclass

@@ -9,11 +9,13 @@ factory reads, and the selections (SFM's w1, RegionSparse's K) its paper package
 from __future__ import annotations
 
 from importlib import import_module
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from lib.defenses.base import Built, Defense, DefenseFactory, NoDefense, Profile
+from lib.data import DatasetUnavailable
+from lib.defenses.base import Built, Defense, DefenseFactory, NoDefense, NotBuiltForDataset, Profile
 from lib.defenses.baselines import JPEGCompression, TotalVariationMinimization
 from lib.defenses.squeeze import BitDepthReduction, MedianFilter, NonLocalMeans
 
@@ -88,3 +90,17 @@ def build(name: str, profile: Profile, dataset: str, classifier: nn.Module, *,
     if name not in ENTRIES:
         raise ValueError(f"unknown defense {name!r}; valid: {', '.join(ENTRIES)}")
     return ENTRIES[name][1](profile, dataset, classifier, device=device)
+
+
+def build_each(names: Sequence[str], profile: Profile, dataset: str, classifier: nn.Module, *,
+               skip: Callable[[str, str], None], device: torch.device | None = None) -> dict[str, Built]:
+    """{name: build(name, ...)} for each named defense that can be built for `dataset`. One that cannot (its data
+    or weights are missing: DatasetUnavailable; the profile has no settings for it there: NotBuiltForDataset) is
+    reported as skip(f"{name} on {dataset}", reason) and left out, so the others still run."""
+    built: dict[str, Built] = {}
+    for name in names:
+        try:
+            built[name] = build(name, profile, dataset, classifier, device=device)
+        except (DatasetUnavailable, NotBuiltForDataset) as err:
+            skip(f"{name} on {dataset}", str(err))
+    return built

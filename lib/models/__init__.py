@@ -7,11 +7,12 @@ from lib.models.resnet_cifar import BasicBlock, Bottleneck, PadShortcut, ResNet,
 from lib.models.small import LisaCNN, SmallCNN, SmallVGG
 from lib.models.vgg import VGG, VGG_CONFIGS
 from lib.models.wideresnet import WideBasic, WideResNet
-from lib.models.zoo import ARCHITECTURES, build_classifier, count_parameters, scale_channels
+from lib.models.zoo import (ARCH_KEYWORDS, ARCHITECTURES, build_classifier, classifier_from_spec, count_parameters,
+                            scale_channels)
 
 __all__ = [
-    "ARCHITECTURES", "BasicBlock", "Bottleneck", "GoogLeNet", "IMAGENET_MEAN", "IMAGENET_STD", "ImageClassifier",
+    "ARCH_KEYWORDS", "ARCHITECTURES", "BasicBlock", "Bottleneck", "GoogLeNet", "IMAGENET_MEAN", "IMAGENET_STD", "ImageClassifier",
     "Inception", "InceptionInputTransform", "LeNet5", "LeNet5Classic", "LisaCNN", "Normalize", "PadShortcut",
     "ResNet", "ResNetCifar", "SmallCNN", "SmallVGG", "VGG", "VGG_CONFIGS", "WideBasic", "WideResNet",
-    "build_classifier", "count_parameters", "scale_channels",
+    "build_classifier", "classifier_from_spec", "count_parameters", "scale_channels",
 ]

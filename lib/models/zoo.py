@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Sequence
 
 from torch import nn
 
@@ -15,6 +15,9 @@ from lib.models.small import LisaCNN, SmallCNN, SmallVGG
 from lib.models.vgg import POOL, VGG, VGG_CONFIGS
 from lib.models.wideresnet import WideResNet
 from lib.validate import check_positive_int
+
+if TYPE_CHECKING:
+    from lib.data import DatasetInfo
 
 MIN_IMAGE_SIZE = 8
 MIN_CHANNELS = 4
@@ -163,6 +166,23 @@ def build_classifier(arch: str, *, num_classes: int, in_channels: int, image_siz
     else:
         body = entry.factory(in_channels, image_size, width, depth if depth is not None else entry.depth, **kwargs)
     return ImageClassifier(body, body.feat_dim, num_classes, mean, std)
+
+
+# keys of a profile's classifier spec that go to the architecture itself (wrn: widen_factor, dropout; torchvision
+# models: which published weights)
+ARCH_KEYWORDS: tuple[str, ...] = ("widen_factor", "dropout", "weights")
+
+
+def classifier_from_spec(spec: Mapping[str, Any], info: "DatasetInfo") -> ImageClassifier:
+    """An untrained (or published, with `pretrained: true`) classifier of a profile's spec for the dataset `info`
+    describes: `arch`, `width`, `depth`, `pretrained` and ARCH_KEYWORDS (e.g. WRN-28-20 is arch wrn, depth 28,
+    widen_factor 20). Pretrained torchvision weights get the ImageNet normalisation they were trained with."""
+    pretrained = bool(spec.get("pretrained", False))
+    mean, std = (imagenet.IMAGENET_MEAN, imagenet.IMAGENET_STD) if pretrained else (info.mean, info.std)
+    return build_classifier(spec["arch"], num_classes=info.num_classes, in_channels=info.channels,
+                            image_size=info.image_size, mean=mean, std=std, width=spec.get("width", 1.0),
+                            depth=spec.get("depth"), pretrained=pretrained,
+                            **{k: spec[k] for k in ARCH_KEYWORDS if k in spec})
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

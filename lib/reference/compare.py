@@ -47,7 +47,15 @@ def _dataset_key(name: str) -> str:
 def _same(field: str, a: object, b: object) -> bool:
     if field == "dataset":
         return _dataset_key(str(a)) == _dataset_key(str(b))
+    if field == "model":   # the paper's "ResNet18" / "InceptionV3" are our archs resnet18 / inception_v3
+        return _model_key(str(a)) == _model_key(str(b))
     return str(a) == str(b)
+
+
+def _model_key(models: str) -> list[str]:
+    """Comma-separated model names, each lower-case alphanumerics without our '_imagenet' tag (resnet50_imagenet is
+    torchvision's ResNet-50); a width suffix ('resnet18 x0.25') keeps the names apart."""
+    return ["".join(c for c in m.lower().replace("_imagenet", "") if c.isalnum()) for m in models.split(",")]
 
 
 def stand_in_label(paper_setting: Mapping[str, object], ours_setting: Mapping[str, object]) -> str | None:

@@ -25,9 +25,7 @@ class Purifier(Defense):
         super().__init__()
         self.generator = generator
 
-    def purify(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
-            raise ValueError(f"x must have shape (N, C, H, W), got {tuple(x.shape)}")
+    def purify(self, x: torch.Tensor) -> torch.Tensor:  # x is checked by Defense (lib.validate.check_images)
         self.generator.eval()
         return to_unit(self.generator(x).out)
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from lib.defenses.base import NotBuiltForDataset
 from lib.runtime import get_device
 from lib.validate import check_labels
 
@@ -23,7 +24,7 @@ def budgets(cfg: Mapping[str, Any], dataset: str) -> dict[str, Any]:
     """A dataset's entry of the section's per_dataset: paper_dataset, eps, eps_prime, eps_white, alpha."""
     per_dataset = cfg.get("per_dataset", {})
     if dataset not in per_dataset:
-        raise ValueError(f"no ARN budgets for dataset {dataset!r}; per_dataset has: {', '.join(sorted(per_dataset))}")
+        raise NotBuiltForDataset(f"no ARN budgets for dataset {dataset!r}; per_dataset has: {', '.join(sorted(per_dataset))}")
     return dict(per_dataset[dataset])
 
 

@@ -27,7 +27,7 @@ from lib.defenses.arn.suite import (
     craft,
     craft_seen,
 )
-from lib.defenses.arn.training import purifier_jobs, seen_attacks, trained_variant
+from lib.defenses.arn.training import purifier_cfg, purifier_jobs, seen_attacks, trained_variant
 from lib.defenses.base import Defended, Defense, NoDefense
 
 if TYPE_CHECKING:
@@ -86,9 +86,11 @@ class Experiment:
 
 
 def _arch(profile: Mapping[str, Any], dataset: str, role: str) -> str:
+    """Our classifier of `role` as the paper names models: arch[-depth][-widen factor] (wrn-28-20), and its width."""
     spec = profile["datasets"][dataset][role]
     width = spec.get("width", 1.0)
-    return spec["arch"] + (f" (width {width:g})" if width != 1.0 else "")
+    name = "-".join(str(part) for part in (spec["arch"], spec.get("depth"), spec.get("widen_factor")) if part is not None)
+    return name + (f" (width {width:g})" if width != 1.0 else "")
 
 
 # --------------------------------------------------------------------------- setup
@@ -157,6 +159,20 @@ def prepare(run: "Run", dataset: str) -> Experiment:
                            "table eps": c["eps"]})
     return Experiment(dataset, c, train, test, clf, second, suite, adversarial, models, at, classifier_rows,
                       attack_rows, train_rows, craft_here, batch_size, cfg["seeds"][0])
+
+
+def loss_settings_table(run: "Run") -> pd.DataFrame:
+    """The loss each purifier of the profile trains with: its preset (spec §2.3: paper_mnist, paper_cifar,
+    official_code, tiny) after the section's weight overrides, read through the same PurifierConfig as training, so
+    the notebook names the losses that ran (weights, reductions, D_A loss, gradient penalty)."""
+    from dataclasses import asdict
+
+    rows = []
+    for section in ("arn", "ape", "hgd"):
+        if section in run.config:
+            weights = purifier_cfg(run.config, section, seed=0).weights
+            rows.append({"purifier": section, "preset": run.config[section].get("preset", "tiny"), **asdict(weights)})
+    return pd.DataFrame(rows)
 
 
 def classifiers_table(run: "Run", experiments: Mapping[str, Experiment]) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from lib.defenses.squeeze import BitDepthReduction, MedianFilter
 from lib.evaluate import AttackSpec, evaluate_threats
 from lib.notebook import Run
 from lib.profiles import dataset_config
-from lib.reference import beside_paper, load_reference
+from lib.reference import beside_paper, load_reference, stand_in_label
 from lib.train import trained_classifier
 
 if TYPE_CHECKING:
@@ -163,8 +163,7 @@ def our_model(profile: Mapping[str, Any], dataset: str, role: str, paper_model: 
     architecture at full width, else our architecture (and width), e.g. 'resnet18 x0.25'."""
     spec = dataset_config(profile, dataset)[ROLES[role]]
     width = float(spec.get("width", 1.0))
-    same = "".join(c for c in spec["arch"].lower() if c.isalnum()) == "".join(c for c in paper_model.lower() if c.isalnum())
-    if same and width == 1.0:
+    if width == 1.0 and stand_in_label({"model": paper_model}, {"model": spec["arch"]}) is None:
         return paper_model
     return spec["arch"] if width == 1.0 else f"{spec['arch']} x{width:g}"
 

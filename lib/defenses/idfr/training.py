@@ -2,7 +2,7 @@
 
 - train_denoiser: Adam on the ID loss over adversarial examples (one (attack, eps) configuration per image,
   crafted white-box on the target: `mixture_adversarial`) plus Gaussian-noised clean copies, redrawn every epoch.
-- train_restorer: Adam on Eq. 6 over fresh convex-hull mixtures (`ConvexHullSampler`) of the post-ID training
+- train_feature_restorer: Adam on Eq. 6 over fresh convex-hull mixtures (`ConvexHullSampler`) of the post-ID training
   embeddings (`FeaturePool`, `feature_pool`).
 - trained_denoiser / trained_idfr: build, train and cache them for one frozen target from an `IDFRSetting` (the
   training images, attack grid and configurations; `IDFRSetting.from_profile` reads the profile's 02_idfr section).
@@ -18,12 +18,18 @@ import torch
 from torch import nn
 
 from lib import cache
-from lib.evaluate import AttackSpec, adversarial_set, model_digest
+from lib.defenses.base import NotBuiltForDataset
 from lib.defenses.idfr.losses import ID_LOSSES, fr_loss, id_loss
 from lib.defenses.idfr.networks import FeatureRestorer, IDFRClassifier, InputDenoiser
+from lib.evaluate import AttackSpec, adversarial_set, model_digest
 from lib.runtime import get_device, seed_everything
 from lib.train import cached_model, constant_lr, descend, fit, frozen
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import (
+    check_images,
+    check_labels,
+    check_nonnegative,
+    check_positive_int,
+)
 
 PAIRINGS = ("paper", "code")
 FR_POOLS = ("all_configs", "train_mix")
@@ -230,7 +236,7 @@ class ConvexHullSampler:
         return {"h": h, "y": self.classes[which], "alpha": alpha, "i": i, "j": j}
 
 
-def train_restorer(restorer: nn.Module, classifier: nn.Module, sampler: ConvexHullSampler, cfg: FRConfig,
+def train_feature_restorer(restorer: nn.Module, classifier: nn.Module, sampler: ConvexHullSampler, cfg: FRConfig,
                    device: torch.device | None = None) -> list[dict]:
     """Algorithm 2: Adam on fr_loss over fresh convex-hull mixtures each step; returns lib.train.fit's history
     (mean loss per epoch). The classifier stays frozen; on CPU the loop runs on one thread (tiny products)."""
@@ -296,7 +302,7 @@ class IDFRSetting:
 
         cfg = notebook_config(profile, NOTEBOOK)
         if dataset not in cfg["eps"]:
-            raise ValueError(f"profile {profile['name']!r} has no IDFR budgets for {dataset!r}; "
+            raise NotBuiltForDataset(f"profile {profile['name']!r} has no IDFR budgets for {dataset!r}; "
                              f"it has: {', '.join(cfg['eps'])}")
         train = load_dataset(dataset, "train", n=cfg["id_train_size"], seed=profile["seed"])
         return cls(train.x, train.y, attack_grid(cfg["attacks"], cfg["eps"][dataset]),
@@ -386,13 +392,13 @@ def trained_idfr(classifier: nn.Module, setting: IDFRSetting, *, device: torch.d
         return FeatureRestorer(classifier.feat_dim, skips=setting.fr_skips)
 
     def train(model: nn.Module, _partial) -> dict:
-        return {"history": train_restorer(model, classifier, sampler, setting.fr_cfg, device)}
+        return {"history": train_feature_restorer(model, classifier, sampler, setting.fr_cfg, device)}
 
     config = {**_target_config(classifier, setting), "denoiser": model_digest(denoiser),
               "fr": asdict(setting.fr_cfg), "pool": setting.fr_pool, "pool_images": n,
               "pool_data": cache.tensor_digest(pool.h, pool.y), "skips": setting.fr_skips}
     restorer, fr_meta = cached_model("idfr/restorer", config, build, train,
-                                     code=(train_restorer, fr_loss, ConvexHullSampler, feature_pool), device=device)
+                                     code=(train_feature_restorer, fr_loss, ConvexHullSampler, feature_pool), device=device)
     meta = {"id_seconds": id_meta["train_seconds"], "id_cache_hit": id_meta["cache_hit"],
             "id_cache_key": id_meta["cache_key"], "id_history": id_meta["history"],
             "fr_seconds": fr_meta["train_seconds"], "fr_cache_hit": fr_meta["cache_hit"],

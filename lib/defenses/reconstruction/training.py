@@ -1,6 +1,6 @@
 """Training of paper 003's networks: R_θ on (Q_k(x̃), x) pairs (spec-003 §2.4-2.5) and the paper's classifiers.
 
-`train_restorer` trains R_θ in place through the project's one loop (`lib.train.fit`) with EDSR's step
+`train_edsr` trains R_θ in place through the project's one loop (`lib.train.fit`) with EDSR's step
 schedule; `trained_reconstruction` builds, trains and caches the whole defense; `build` is the defense
 factory of the registry (the profile's settings for one dataset); `trained_paper_classifier` trains and
 caches one of the paper's classifiers, optionally with Kurakin-style adversarial training (Table 4, §2.8).
@@ -18,8 +18,12 @@ from lib import cache
 from lib.adversarial_training import kurakin_training_loss
 from lib.attacks import fgsm
 from lib.data import ImageData, load_dataset
-from lib.defenses.base import Built
-from lib.defenses.reconstruction.defense import ReconstructionDefense, check_levels, quantize
+from lib.defenses.base import Built, NotBuiltForDataset
+from lib.defenses.reconstruction.defense import (
+    ReconstructionDefense,
+    check_levels,
+    quantize,
+)
 from lib.defenses.reconstruction.losses import restorer_loss
 from lib.defenses.reconstruction.networks import EDSRRestorer
 from lib.evaluate import accuracy, model_digest
@@ -27,7 +31,12 @@ from lib.models import build_classifier
 from lib.profiles import notebook_config
 from lib.runtime import get_device, seed_everything
 from lib.train import TrainConfig, cached_model, descend, fit, fit_classifier
-from lib.validate import check_images, check_labels, check_nonnegative, check_positive_int
+from lib.validate import (
+    check_images,
+    check_labels,
+    check_nonnegative,
+    check_positive_int,
+)
 
 NOTEBOOK = "04_image_reconstruction"
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -64,7 +73,7 @@ def edsr_lr_factor(epoch: int, epochs: int) -> float:
     return 0.5 ** sum(epoch >= m * epochs for m in (0.5, 0.75))
 
 
-def train_restorer(restorer: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, cfg: RestorerConfig, *,
+def train_edsr(restorer: nn.Module, x_clean: torch.Tensor, x_adv: torch.Tensor, cfg: RestorerConfig, *,
                    device: torch.device | None = None, checkpoint: Path | None = None) -> list[dict]:
     """Train R_θ in place with eq. (4) on (Q_k(x̃), x), x̃ = x_adv with probability p_adv else x (§2.4).
 
@@ -125,13 +134,13 @@ def trained_reconstruction(classifier: nn.Module, train: ImageData, cfg: Restore
 
     def train_it(restorer: nn.Module, partial: Path) -> dict:
         x_adv = fgsm_examples(classifier, train.x, train.y, cfg.eps_max, device=device)
-        history = train_restorer(restorer, train.x, x_adv, cfg, device=device, checkpoint=partial)
+        history = train_edsr(restorer, train.x, x_adv, cfg, device=device, checkpoint=partial)
         return {"history": history, "final_loss": history[-1]["loss"], "train_size": len(train)}
 
     config = {"restorer": asdict(cfg), "data": cache.tensor_digest(train.x, train.y),
               "classifier": model_digest(classifier)}
     restorer, meta = cached_model("reconstruction/restorer", config, build_restorer, train_it,
-                                  code=(train_restorer, quantize, restorer_loss), device=device)
+                                  code=(train_edsr, quantize, restorer_loss), device=device)
     return ReconstructionDefense(restorer, cfg.levels).to(device).eval(), meta
 
 
@@ -140,7 +149,7 @@ def restorer_setup(profile: Mapping[str, Any], dataset: str) -> tuple[ImageData,
     (its per-dataset levels, eps_max and restorer overrides)."""
     cfg = notebook_config(profile, NOTEBOOK)
     if dataset not in cfg["per_dataset"]:
-        raise ValueError(f"profile {profile['name']!r} has no reconstruction settings for {dataset!r}; "
+        raise NotBuiltForDataset(f"profile {profile['name']!r} has no reconstruction settings for {dataset!r}; "
                          f"it has: {', '.join(cfg['per_dataset'])}")
     ds = cfg["per_dataset"][dataset]
     train = load_dataset(dataset, "train", n=ds.get("train_size", cfg["train_size"]), seed=profile["seed"])

@@ -11,12 +11,13 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import nn
 
-from lib.data import DatasetInfo, ImageData, balanced_subset, load_dataset
+from lib.data import ImageData, balanced_subset, load_dataset
 from lib.defenses.base import Built
 from lib.defenses.sfm.losses import w1_for_ratio
 from lib.defenses.sfm.training import Log, SFMConfig, trained_sfm
 from lib.defenses.squeeze import squeezer
 from lib.evaluate import model_digest
+from lib.models import classifier_from_spec
 from lib.profiles import dataset_config, notebook_config
 
 NOTEBOOK = "01_sfm_defense"  # the profile section every SFM setting comes from
@@ -44,21 +45,14 @@ def sfm_splits(profile: Mapping[str, Any], dataset: str) -> tuple[ImageData, Ima
 def sfm_config(profile: Mapping[str, Any], sfm_data: ImageData, *, ratio: float,
                overrides: Mapping[str, Any] | None = None) -> SFMConfig:
     """The profile's SFM settings with w1 = ratio x the identity threshold of the SFM training images (spec-000
-    §2.5.1, computed with the profile's w3 and batch size), then `overrides` (e.g. the loss ablations)."""
-    base = dict(notebook_config(profile, NOTEBOOK)["sfm"])
+    §2.5.1, computed with the profile's w3 and batch size), then `overrides` (e.g. the loss ablations). The
+    section's `sfm_per_dataset` replaces settings for one dataset (Tiny-ImageNet's w2 = 0.01, w3 = 100)."""
+    cfg = notebook_config(profile, NOTEBOOK)
+    base = {**cfg["sfm"], **cfg.get("sfm_per_dataset", {}).get(sfm_data.info.name, {})}
     defaults = SFMConfig()
     base["w1"] = w1_for_ratio(ratio, sfm_data.x, base.get("batch_size", defaults.batch_size),
                               base.get("reduction", defaults.reduction), base.get("w3", defaults.w3))
     return SFMConfig.from_mapping({**base, **(overrides or {}), "seed": profile["seed"]})
-
-
-def _fresh_classifier(arch: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
-    """An untrained classifier of the profile's architecture for the dataset described by `info`."""
-    from lib.models import build_classifier
-
-    return build_classifier(arch["arch"], num_classes=info.num_classes, in_channels=info.channels,
-                            image_size=info.image_size, mean=info.mean, std=info.std,
-                            width=arch.get("width", 1.0), depth=arch.get("depth"))
 
 
 def sfm_for(profile: Mapping[str, Any], dataset: str, target: nn.Module, *, ratio: float,
@@ -79,7 +73,7 @@ def sfm_for(profile: Mapping[str, Any], dataset: str, target: nn.Module, *, rati
     sfm_cfg = sfm_config(profile, sfm_data, ratio=ratio, overrides=overrides)
     init = bool(cfg["init_from_target"])
     build_classifier: Callable[[], nn.Module] = (
-        (lambda: copy.deepcopy(target).requires_grad_(True)) if init else (lambda: _fresh_classifier(arch, sfm_data.info)))
+        (lambda: copy.deepcopy(target).requires_grad_(True)) if init else (lambda: classifier_from_spec(arch, sfm_data.info)))
     key = {"dataset": dataset, "arch": arch, "init": model_digest(target) if init else "scratch"}
     say = log or (lambda _msg: None)
     extra = f", overrides {dict(overrides)}" if overrides else ""

@@ -45,7 +45,9 @@ class AttentionUNet(nn.Module):
     """The mask generator G: Attention U-Net (AttU_Net layout), C channels in, one sigmoid channel out.
 
     base_width b and depth d (resolution levels, d - 1 poolings) set the size; the paper's scale is
-    b = 64, d = 5 (about 35 M parameters). Inputs need sides divisible by 2 ** (d - 1).
+    b = 64, d = 5 (about 35 M parameters). The d - 1 poolings need sides divisible by 2 ** (d - 1): any other
+    side (28 for MNIST, 8 for the smoke digits) is padded by edge replication to the next multiple and the mask is
+    cropped back, so the output always has the input's height and width.
     """
 
     def __init__(self, in_channels: int, base_width: int = 64, depth: int = 5):
@@ -65,10 +67,18 @@ class AttentionUNet(nn.Module):
         self.out = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"AttentionUNet needs (N, C, H, W), got {tuple(x.shape)}")
         factor = 2 ** (self.depth - 1)
-        if x.dim() != 4 or x.shape[-1] % factor or x.shape[-2] % factor:
-            raise ValueError(f"AttentionUNet of depth {self.depth} needs (N, C, H, W) with H and W divisible by "
-                             f"{factor}, got {tuple(x.shape)}")
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % factor, -width % factor
+        top, left = pad_h // 2, pad_w // 2
+        if pad_h or pad_w:   # replicate, not reflect: reflection needs the pad smaller than the side (8 -> 16 is not)
+            x = F.pad(x, (left, pad_w - left, top, pad_h - top), mode="replicate")
+        return self._mask(x)[..., top:top + height, left:left + width]
+
+    def _mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The mask of an input whose sides are divisible by 2 ** (depth - 1)."""
         skips = []
         h = x
         for i, enc in enumerate(self.encoders):

@@ -1,0 +1,165 @@
+"""Dry runs (lib.profiles.dry_run, runner --dry-run): capped profiles, and every notebook of the paper and quick
+profiles run end to end on tiny datasets written in each real on-disk format (tests/fixtures/datasets.py)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fixtures import datasets as fixture
+from lib import runner
+from lib.profiles import (DRY_RUN_FEW, DRY_RUN_SIZE, DRY_RUN_TRAIN, PROFILES, dry_run, dry_run_banner, dry_run_name,
+                          is_dry_run, load_profile)
+
+
+def _leaves(tree, path=()):
+    """(path of keys, value) of every scalar in a profile (list items get their index in the path)."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, (*path, str(key)))
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _leaves(value, (*path, i))
+    else:
+        yield path, tree
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _last_key(path) -> str:
+    return next(k for k in reversed(path) if isinstance(k, str))
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_dry_run_caps_every_count_and_keeps_the_rest(name):
+    full, dry = load_profile(name), load_profile(dry_run_name(name))
+    assert dry == dry_run(full) and is_dry_run(dry) and not is_dry_run(full)
+    assert dry["name"] == f"{name}-dry-run" and dry["datasets"].keys() == full["datasets"].keys()
+    capped = 0
+    for path, value in _leaves(dry):
+        key = _last_key(path)
+        if path[0] in ("name", "description", "dry_run"):
+            continue
+        try:
+            original = _get(full, path)
+        except (IndexError, KeyError):   # AutoAttack budgets the dry run adds, and list items it dropped
+            assert key in ("n_iter", "n_queries") and value == DRY_RUN_FEW, path
+            continue
+        assert type(value) is type(original) or original is None, (path, original, value)
+        if value != original:
+            capped += 1
+            assert isinstance(value, int) and not isinstance(value, bool), (path, original, value)
+        if key in ("epochs", "pre_epochs", "dict_epochs"):
+            assert value == min(original, 1), path   # 0 (pretrained, no training) stays 0
+        elif key.endswith("steps") and value is not None:
+            assert value <= DRY_RUN_FEW, path
+        elif key in ("train_size", "sfm_train_size", "id_train_size", "n_train"):
+            assert value <= DRY_RUN_TRAIN, path
+        elif key.endswith("image_size") or key in ("arch", "name", "eps", "width", "depth", "batch_size", "lr"):
+            assert value == original, path
+        elif key.endswith("_size") and key not in ("batch_size", "eval_batch_size", "patch_size"):
+            assert value <= DRY_RUN_SIZE, path
+        elif len(path) > 1 and path[-2] == "datasets":   # the datasets each notebook runs on
+            assert value == original, path
+    assert capped > 10
+    for section in dry["notebooks"].values():
+        for key in ("sweep_ratios", "seeds"):
+            assert len(section.get(key, [])) <= DRY_RUN_FEW
+    assert dry_run(dry) == dry
+
+
+def test_step_lists_stay_increasing_and_none_steps_keep_the_papers_rule():
+    dry = load_profile("paper-dry-run")["notebooks"]
+    assert dry["05_attack_invariant_arn"]["bpda_steps"] == [1, 2]
+    assert dry["04_image_reconstruction"]["cw"]["steps_grid"] == [1, 2]
+    assert dry["04_image_reconstruction"]["bim_steps"] is None       # Kurakin's rule
+    assert dry["02_idfr"]["eval_size"] == DRY_RUN_SIZE and dry["02_idfr"]["id_train_size"] == DRY_RUN_TRAIN
+    assert dry["09_cross_defense_benchmark"]["attacks"][-1]["params"]["n_queries"] == DRY_RUN_FEW
+
+
+@pytest.mark.parametrize("name", PROFILES)
+def test_a_dry_run_trains_nothing_a_full_run_would_load(name):
+    """Cached classifiers are keyed by their training subset and settings: every one differs in the dry run."""
+    full, dry = load_profile(name), load_profile(dry_run_name(name))
+    for dataset, section in full["datasets"].items():
+        for role in ("classifier", "surrogate", "adversarial"):
+            if role in section:
+                before = (section.get("train_size"), section[role]["epochs"])
+                after = (dry["datasets"][dataset].get("train_size"), dry["datasets"][dataset][role]["epochs"])
+                assert before != after, (dataset, role)
+
+
+def test_dry_run_names_and_banner():
+    assert dry_run_banner("paper") == ""
+    assert "NOT RESULTS" in dry_run_banner("paper-dry-run")
+    with pytest.raises(ValueError, match="valid profiles: smoke, quick, paper"):
+        load_profile("fast-dry-run")
+
+
+# --------------------------------------------------------------------------- end to end on the fixtures
+
+
+def _dry_run_env(root: Path, monkeypatch, datasets: tuple[str, ...], weights: bool) -> Path:
+    """Fixtures of `datasets` (and stand-in ImageNet weights) under root, trusted in every notebook kernel."""
+    data_root = root / "data"
+    fixture.write_datasets(data_root, datasets)
+    if weights:
+        fixture.write_imagenet_weights(root / "torch", data_root)
+    fixture.kernel_startup(root / "ipython", data_root)
+    for var, value in (("ADV_DATA_ROOT", data_root), ("ADV_RESULTS_DIR", root / "results"),
+                       ("ADV_CACHE_DIR", root / "cache"), ("IPYTHONDIR", root / "ipython"),
+                       ("TORCH_HOME", root / "torch"), ("ADV_DATA_DOWNLOAD", "0")):
+        monkeypatch.setenv(var, str(value))
+    return root / "results"
+
+
+@pytest.fixture(scope="module")
+def paper_dry_run(tmp_path_factory):
+    """The runner's paper dry run over all notebooks on fixtures of every dataset and stand-in ImageNet weights."""
+    root = tmp_path_factory.mktemp("paper_dry_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        results = _dry_run_env(root, monkeypatch, tuple(fixture.WRITERS), weights=True)
+        code = runner.main(["--profile", "paper", "--dry-run"])
+    return code, results / "paper-dry-run"
+
+
+@pytest.fixture(scope="module")
+def quick_dry_run(tmp_path_factory):
+    """The quick profile's dry run with MNIST and CIFAR-10 fixtures (Fashion-MNIST: Debian's files when installed)."""
+    root = tmp_path_factory.mktemp("quick_dry_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        results = _dry_run_env(root, monkeypatch, ("mnist", "cifar10"), weights=False)
+        code = runner.main(["--profile", "quick", "--dry-run"])
+    return code, results / "quick-dry-run"
+
+
+def _statuses(out: Path) -> dict[str, dict]:
+    return {book.stem: runner.read_status(out / book.stem) for book in runner.discover()}
+
+
+# Not yet inside CI's budget: on 2 shared cores notebook 01 alone takes about 7 minutes of the paper dry run
+# (126 evaluations per dataset in sfm.tables.evaluate_all), past pytest's 900 s per-test timeout for the series.
+END_TO_END = pytest.mark.skipif(os.environ.get("ADV_DRY_RUN_TESTS") != "1",
+                                reason="end-to-end dry runs exceed CI's budget so far; ADV_DRY_RUN_TESTS=1 runs them")
+
+
+@END_TO_END
+@pytest.mark.notebook
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["paper_dry_run", "quick_dry_run"])
+def test_dry_run_finishes_every_notebook_and_says_it_is_no_result(run, request):
+    code, out = request.getfixturevalue(run)
+    failed = {nb: s and s["error"] for nb, s in _statuses(out).items() if not s or s["status"] != "ok"}
+    assert not failed and code == 0, failed
+    banner = dry_run_banner(out.name)
+    assert banner in (out / "SUMMARY.md").read_text() and banner in (out / "REPORT.md").read_text()
+    for book in runner.discover():
+        executed = json.loads((out / book.stem / book.name).read_text())
+        first = next(c for c in executed["cells"] if c["cell_type"] == "code" and c.get("outputs"))
+        assert "NOT RESULTS" in "".join(first["outputs"][0].get("text", "")), book.stem
