@@ -154,18 +154,23 @@ def load(path: Path) -> Any:
     return entry
 
 
-def load_or_none(path: Path) -> Any | None:
-    """`load(path)`; None when there is no entry, or when it is corrupt: then it is moved aside to
+def load_or_none(path: Path, check: Callable[[Any], None] | None = None) -> Any | None:
+    """`load(path)`, then `check(entry)` (which raises CorruptEntry when the entry does not fit its use, e.g. a
+    parameter shape); None when there is no entry, or when it is corrupt: then it is moved aside to
     <path>.corrupt with a warning naming it, so that the caller recomputes it."""
     remove_orphans(path.parent)
     if not path.is_file():
         return None
     try:
-        return load(path)
+        entry = load(path)
+        if check is not None:
+            check(entry)
+        return entry
     except CorruptEntry as err:
         aside = path.with_name(path.name + ".corrupt")
         os.replace(path, aside)
-        warnings.warn(f"{err}; moved aside to {aside.name} and recomputing", RuntimeWarning, stacklevel=2)
+        what = str(err) if str(path) in str(err) else f"cache entry {path}: {err}"
+        warnings.warn(f"{what}; moved aside to {aside.name} and recomputing", RuntimeWarning, stacklevel=2)
         return None
 
 

@@ -230,7 +230,7 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
     fingerprint = cache.source_fingerprint((*own_classes, fit, fit_classifier, *code))
     key = cache.config_key(dict(config), fingerprint)
     final = cache.cache_root() / namespace / f"{key}.pt"
-    entry = cache.load_or_none(final)
+    entry = cache.load_or_none(final, _fits(model))
     if entry is not None:
         model.load_state_dict(entry["state_dict"])
         return model.to(device).eval(), {**entry["meta"], "cache_hit": True, "cache_key": key}
@@ -241,6 +241,19 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
     cache.atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, final)
     partial.unlink(missing_ok=True)
     return model.eval(), {**meta, "cache_hit": False, "cache_key": key}
+
+
+def _fits(model: nn.Module) -> Callable[[dict], None]:
+    """A cache-entry check: the stored state dict has the model's parameter names and shapes."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+    def check(entry: dict) -> None:
+        stored = {k: tuple(v.shape) for k, v in entry["state_dict"].items()}
+        if stored != expected:
+            wrong = sorted(set(stored.items()) ^ set(expected.items()))[:3]
+            raise cache.CorruptEntry(f"its parameters do not fit the model (names or shapes differ: {wrong})")
+
+    return check
 
 
 def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "target",

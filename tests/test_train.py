@@ -182,3 +182,21 @@ def test_orphaned_temporary_files_are_removed_and_writes_are_readable_by_others(
         monkeypatch.setattr(cache, "_UMASK", umask)
         cache.atomic_write_text("hello", tmp_path / "t.md")
         assert (tmp_path / "t.md").stat().st_mode & 0o777 == mode
+
+
+def test_cached_model_whose_shapes_do_not_fit_is_moved_aside_and_retrained():
+    trained = []
+
+    def train(model, partial):
+        trained.append(1)
+        return {}
+
+    cached_model("unit_shapes", {"s": 1}, lambda: make_digits_cnn(4), train, device=torch.device("cpu"))
+    path = _entry_of("unit_shapes")
+    entry = cache.load(path)
+    entry["state_dict"] = {k: v[:1] if v.dim() else v for k, v in entry["state_dict"].items()}   # damaged shapes
+    cache.atomic_save(entry, path)
+    with pytest.warns(RuntimeWarning, match="do not fit the model"):
+        model, meta = cached_model("unit_shapes", {"s": 1}, lambda: make_digits_cnn(4), train,
+                                   device=torch.device("cpu"))
+    assert len(trained) == 2 and not meta["cache_hit"] and path.with_name(path.name + ".corrupt").is_file()
