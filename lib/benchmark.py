@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -23,10 +24,11 @@ import torch
 from torch import nn
 
 from lib.data import load_dataset
-from lib.defenses.base import Built
-from lib.defenses.registry import build_each
+from lib import report
+from lib.defenses.base import Built, Defense, DefenseFactory
+from lib.defenses.registry import LABELS, build_each
 from lib.evaluate import AttackSpec, ensemble_accuracy, threat_outcomes
-from lib.notebook import Run
+from lib.notebook import Run, setup
 from lib.train import trained_classifier
 
 ADAPTIVE_NOTES = {
@@ -34,8 +36,9 @@ ADAPTIVE_NOTES = {
     "BPDA": "BPDA (identity backward through non-differentiable steps): an approximation, so white-box "
             "accuracy is an upper bound",
     "BPDA-approx": "BPDA with the defense's own differentiable approximation (e.g. straight-through rounding, "
-                   "exact gradients through its network); white-box accuracy is an upper bound. Identity BPDA is "
-                   "reported beside it as the threat `white-identity`",
+                   "exact gradients through its network, RegionSparse's projection onto the atoms OMP selected); "
+                   "white-box accuracy is an upper bound. Identity BPDA is reported beside it as the threat "
+                   "`white-identity`",
 }
 
 
@@ -98,20 +101,23 @@ def attack_plan(cfg: Mapping[str, Any], dataset: str) -> tuple[list[AttackSpec],
 @dataclass
 class DatasetBenchmark:
     """Notebook 09's results on one dataset: every row and per-example outcome (with a dataset column), the
-    defenses' costs, the dataset's budgets {norm: eps} (the leaderboards' threat models) and the sanity table."""
+    defenses' costs, the dataset's budgets {norm: eps} (the leaderboards' threat models), the sanity table and the
+    control (`control_table`: our adversarially trained classifier beside published ones)."""
 
     rows: pd.DataFrame
     examples: pd.DataFrame
     costs: pd.DataFrame
     budgets: dict[str, float]
     sanity: pd.DataFrame
+    control: pd.DataFrame
 
 
-def benchmark_dataset(run: Run, dataset: str) -> DatasetBenchmark:
+def benchmark_dataset(run: Run, dataset: str, extra: Mapping[str, DefenseFactory] | None = None) -> DatasetBenchmark:
     """Notebook 09 on one dataset. Each defense of the profile section is built through the registry for the profile's
     target classifier; one that cannot be built (no settings for this dataset, a missing dataset) is recorded as
-    skipped (lib.defenses.registry.build_each). The black box transfers from the profile's surrogate classifier.
-    Every defense is then checked by lib.sanity.sanity_checks."""
+    skipped (lib.defenses.registry.build_each). `extra` {name: factory} adds defenses of one's own, built by the same
+    factory signature (an error in one of them is raised, not skipped). The black box transfers from the profile's
+    surrogate classifier. Every defense is then checked by lib.sanity.sanity_checks."""
     from lib.sanity import sanity_checks
 
     cfg, profile = run.config, run.profile
@@ -119,6 +125,7 @@ def benchmark_dataset(run: Run, dataset: str) -> DatasetBenchmark:
     target, meta = trained_classifier(profile, dataset, "target", device=run.device)
     surrogate = trained_classifier(profile, dataset, "surrogate", device=run.device)[0] if "black" in cfg["threats"] else None
     defenses = build_each(cfg["defenses"], profile, dataset, target, skip=run.skip, device=run.device)
+    defenses.update({name: factory(profile, dataset, target, device=run.device) for name, factory in (extra or {}).items()})
     print(f"{dataset}: classifier {meta['test_accuracy']:.1f}% clean; defenses {list(defenses)}")
     x, y = test.x.to(run.device), test.y.to(run.device)
     headline, curve = attack_plan(cfg, dataset)
@@ -127,9 +134,65 @@ def benchmark_dataset(run: Run, dataset: str) -> DatasetBenchmark:
     budgets = {norm: float(eps) for norm, eps in cfg["budgets"][dataset].items()}
     sanity = sanity_checks(defenses, rows, x, y, budgets=budgets, settings=cfg["sanity"],
                            eot_samples=cfg["eot_samples"], device=run.device)
+    control = control_table(rows, dataset, budgets, _trained_here(profile, dataset, "adversarial"))
     for table in (rows, examples, sanity):
         table.insert(0, "dataset", dataset)
-    return DatasetBenchmark(rows, examples, defense_costs(defenses, target, x[:cfg["timing_images"]]), budgets, sanity)
+    return DatasetBenchmark(rows, examples, defense_costs(defenses, target, x[:cfg["timing_images"]]), budgets, sanity,
+                            control)
+
+
+def _trained_here(profile: Mapping[str, Any], dataset: str, role: str) -> str:
+    """'<arch> x<width>, PGD-trained at eps <eps>, <epochs> epochs here': the profile's classifier of `role`."""
+    spec = profile["datasets"][dataset].get(role, {})
+    eps = spec.get("attack", {}).get("eps")
+    return (f"{spec.get('arch', '?')} x{spec.get('width', 1.0):g}, PGD-trained at eps {eps:g}, "
+            f"{spec.get('epochs', '?')} epochs here" if eps is not None else f"{spec.get('arch', '?')} trained here")
+
+
+CONTROL = "adv_training"
+CONTROL_NOTE = ("The control (issue 15, item 6): our PGD adversarially trained classifier (`adv_training`) under our "
+                "white-box attacks at the dataset's budget, beside published adversarially trained models under "
+                "theirs. Model, training recipe and length, training-set size and AutoAttack's version differ, so this "
+                "is a stand-in comparison, never agreement: it shows whether our attacks bring a PGD-trained model to "
+                "the literature's order of accuracy. Ours far above the published figure would point to weak attacks "
+                "(or a gradient problem); ours below it reflects our smaller model and shorter training.")
+
+
+def control_table(rows: pd.DataFrame, dataset: str, budgets: Mapping[str, float], ours_model: str,
+                  defense: str = CONTROL) -> pd.DataFrame:
+    """Our adversarially trained classifier's white-box robust accuracy (`ours`, from the benchmark's `rows` at the
+    dataset's budget of each norm) beside every published figure for an adversarially trained model on `dataset` in
+    that norm (lib.reference.load_controls; its `ours_attack` names our attack it is set beside). The published column
+    is labelled a stand-in by lib.reference.stand_in_label (published model and training against `ours_model`) and has
+    no difference column, so the reproduction report never counts it as agreement. Beside it: each side's budget,
+    attack and clean accuracy, and the source. Empty when nothing is published for the dataset or `defense` was not
+    evaluated."""
+    from lib.reference import load_controls, stand_in_label
+
+    label = stand_in_label({"model": "published model and training"}, {"model": ours_model})
+    published = load_controls()
+    published = published[(published.dataset == dataset) & published.norm.isin(list(budgets))]
+    ours = rows[(rows.defense == defense) & (rows.threat == "white")]
+    out = []
+    for r in published.itertuples() if len(ours) else ():
+        mine = at_budget(ours, r.norm, budgets[r.norm])
+        mine = mine[mine.attack == r.ours_attack]
+        out.append({"dataset": dataset, "norm": r.norm, "eps": budgets[r.norm], "attack": r.ours_attack,
+                    "ours": float(mine.robust_acc.iloc[0]) if len(mine) else np.nan,
+                    label: r.value, "ours_clean": float(ours.clean_acc.iloc[0]), "published_clean": r.clean,
+                    "published_eps": r.eps, "published_attack": r.attack, "published_model": r.model,
+                    "published_training": r.training, "source": r.source})
+    columns = ["dataset", "norm", "eps", "attack", "ours", label, "ours_clean", "published_clean", "published_eps",
+               "published_attack", "published_model", "published_training", "source"]
+    return pd.DataFrame(out, columns=columns)
+
+
+def control_notes(control: pd.DataFrame, dataset: str) -> str:
+    """Markdown under the control table: the caveat, or why there is no control for `dataset`."""
+    if control.empty:
+        return (f"No control on {dataset}: lib/reference/controls.csv has no published figure for an adversarially "
+                f"trained model on it at the profile's norms, or `{CONTROL}` was not evaluated.")
+    return CONTROL_NOTE
 
 
 def at_budget(table: pd.DataFrame, norm: str, eps: float) -> pd.DataFrame:
@@ -218,6 +281,12 @@ def leaderboard(rows: pd.DataFrame, examples: pd.DataFrame, costs: pd.DataFrame,
     return table
 
 
+def leaderboards(res: DatasetBenchmark, labels: Mapping[str, str] | None = None) -> dict[str, pd.DataFrame]:
+    """{norm: leaderboard} of one dataset's results, one per fixed threat model (the dataset's budget in each norm)."""
+    return {norm: leaderboard(res.rows, res.examples, res.costs, norm=norm, eps=eps, labels=labels)
+            for norm, eps in res.budgets.items()}
+
+
 def leaderboard_notes(board: pd.DataFrame) -> str:
     """Markdown under a leaderboard: what each white-box gradient route means, and the defenses whose adaptive attack
     found fewer errors than the gray-box transfer (a sign of obfuscated gradients)."""
@@ -287,3 +356,147 @@ def clean_vs_robust(board: pd.DataFrame, title: str):
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), title="defense (clean, worst)")
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------------------- a defense of one's own
+
+NOTEBOOK = "09_cross_defense_benchmark"
+SUMMARY_COLUMNS = ("name", "threat_model", "clean_acc", "worst_acc", "worst_black", "worst_gray", "worst_white",
+                   "worst_white-identity", "strongest_single", "white_box_gradient", "flags")
+
+
+@dataclass
+class DefenseEvaluation:
+    """A defense of one's own evaluated as notebook 09 evaluates the registered ones (`evaluate_defense`): its
+    `leaderboards` {norm: table} (beside the registered defenses asked for), every `rows` and `per_example` outcome,
+    the `sanity` table and the folder `out` whose tables/ holds them all."""
+
+    name: str
+    dataset: str
+    leaderboards: dict[str, pd.DataFrame]
+    rows: pd.DataFrame
+    per_example: pd.DataFrame
+    sanity: pd.DataFrame
+    out: Path
+
+    def summary(self) -> str:
+        """Markdown: each leaderboard's summary columns and notes, the sanity table and its notes, where the files are."""
+        parts = []
+        for board in self.leaderboards.values():
+            columns = [c for c in board.columns if c in SUMMARY_COLUMNS]
+            parts += [f"## {self.dataset}, {board.threat_model.iloc[0]}: leaderboard", report.to_markdown(board[columns]),
+                      leaderboard_notes(board)]
+        checks = self.sanity.pivot(index="defense", columns="check", values="status").reset_index()
+        parts += ["## Sanity checks", report.to_markdown(checks), sanity_notes(self.sanity),
+                  f"Every table (all attacks, per-example outcomes, sanity with explanations): {self.out / 'tables'}"]
+        return "\n\n".join(p for p in parts if p)
+
+
+def own_factory(defense: Any) -> DefenseFactory:
+    """The factory of a defense of one's own: a `Defense` instance or subclass (instantiated without arguments), put in
+    front of the given classifier, or a factory of the contract's signature `(profile, dataset, classifier, *, device)`
+    returning a `Built` (or a `Defense`, put in front of the given classifier). TypeError for anything else."""
+    if isinstance(defense, type) and issubclass(defense, Defense):
+        defense = defense()
+    if isinstance(defense, Defense):
+        instance = defense
+        defense = lambda profile, dataset, classifier, *, device=None: instance
+    elif not callable(defense) or isinstance(defense, (type, nn.Module)):
+        raise TypeError(f"defense must be a lib.defenses.base.Defense (instance or subclass) or a factory "
+                        f"(profile, dataset, classifier, *, device) -> Built, got {defense!r}")
+
+    def built_by(profile: Mapping[str, Any], dataset: str, classifier: nn.Module, *,
+                 device: torch.device | None = None) -> Built:
+        out = defense(profile, dataset, classifier, device=device)
+        if isinstance(out, Defense):
+            return Built(out, classifier, {"config": {"class": type(out).__name__}})
+        if not isinstance(out, Built):
+            raise TypeError(f"the defense factory {defense!r} returned {type(out).__name__}, not a Built or a Defense")
+        return out
+
+    return built_by
+
+
+def evaluate_defense(defense: Any, *, profile: str = "smoke", dataset: str | None = None, name: str = "mine",
+                     beside: Sequence[str] = ("none",), overrides: Mapping[str, Any] | None = None,
+                     out: Path | str | None = None) -> DefenseEvaluation:
+    """Evaluate a defense of one's own exactly as notebook 09 evaluates the registered ones, in one call.
+
+    `defense`: a `Defense` instance or subclass, or a factory (see `own_factory`). It runs on `dataset` (default: the
+    first of notebook 09's datasets in `profile`) under notebook 09's section of the profile (with dotted-key
+    `overrides`, e.g. {"notebooks.09_cross_defense_benchmark.eval_size": 100}): every attack and threat model at the
+    dataset's budgets, per-example outcomes, leaderboards per fixed threat model, sanity checks. `beside`: registered
+    defenses (lib.defenses.registry) evaluated with it on the same images and attacks (() for none). Tables go to
+    `out` (default results/<profile>/own_defenses/<name>/tables), named as notebook 09 names its own.
+    """
+    factory = own_factory(defense)
+    if not name or not isinstance(name, str) or name in LABELS:
+        raise ValueError(f"name must be a non-empty string other than a registered defense ({', '.join(LABELS)}), "
+                         f"got {name!r}")
+    if isinstance(beside, str) or set(beside) - set(LABELS):
+        raise ValueError(f"beside must be a list of registered defenses ({', '.join(LABELS)}), got {beside!r}")
+    folder = Path(out) if out is not None else report.results_root() / profile / "own_defenses" / name
+    run = setup(profile, NOTEBOOK, overrides, out=folder)
+    dataset = dataset or run.config["datasets"][0]
+    if dataset not in run.profile["datasets"]:
+        raise ValueError(f"profile {profile!r} has no settings for dataset {dataset!r}; it has "
+                         f"{', '.join(run.profile['datasets'])}")
+    run.config["defenses"] = list(beside)
+    res = benchmark_dataset(run, dataset, {name: factory})
+    boards = leaderboards(res, {**LABELS, name: name})
+    for norm, board in boards.items():
+        report.save_table(board, f"{dataset}_leaderboard_{norm}", run.out,
+                          caption=f"{dataset}, {norm} budget {res.budgets[norm]:g}: ranked by per-example worst case (%)")
+    report.save_table(res.rows, f"{dataset}_all_rows", run.out, caption=f"{dataset}: every defense, attack and threat")
+    report.save_tidy(res.examples, f"{dataset}_per_example", run.out)
+    report.save_table(res.sanity, f"{dataset}_sanity", run.out, caption=f"{dataset}: sanity checks per defense")
+    return DefenseEvaluation(name, dataset, boards, res.rows, res.examples, res.sanity, run.out)
+
+
+def load_defense(spec: str) -> Any:
+    """The object `Name` of `path/to/file.py:Name` or `package.module:Name` (a Defense subclass, instance or factory)."""
+    import importlib.util
+    from importlib import import_module
+
+    where, _, attr = spec.rpartition(":")
+    if not where or not attr:
+        raise ValueError(f"--defense must be 'path/to/file.py:Name' or 'package.module:Name', got {spec!r}")
+    if where.endswith(".py"):
+        path = Path(where)
+        if not path.is_file():
+            raise FileNotFoundError(f"defense file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = import_module(where)
+    if not hasattr(module, attr):
+        raise ValueError(f"{where} defines no {attr!r}")
+    return getattr(module, attr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m lib.benchmark --defense FILE.py:Name [--profile smoke] [--dataset digits] [--name mine]
+    [--beside none,jpeg]`: evaluate_defense, its summary printed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lib.benchmark", description=evaluate_defense.__doc__.split("\n")[0])
+    parser.add_argument("--defense", required=True, help="path/to/file.py:Name or package.module:Name")
+    parser.add_argument("--profile", default="smoke")
+    parser.add_argument("--dataset", default=None, help="default: the first of notebook 09's datasets in the profile")
+    parser.add_argument("--name", default=None, help="its name in the tables (default: Name in lower case)")
+    parser.add_argument("--beside", default="none", help="comma-separated registered defenses to rank it beside ('' for none)")
+    parser.add_argument("--out", default=None, help="results folder (default results/<profile>/own_defenses/<name>)")
+    args = parser.parse_args(argv)
+    try:
+        defense = load_defense(args.defense)
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        parser.error(str(err))
+    beside = [b for b in args.beside.split(",") if b]
+    result = evaluate_defense(defense, profile=args.profile, dataset=args.dataset, beside=beside, out=args.out,
+                              name=args.name or args.defense.rpartition(":")[2].lower())
+    print(result.summary())
+
+
+if __name__ == "__main__":
+    main()

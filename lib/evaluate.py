@@ -86,6 +86,33 @@ def in_batches(fn: Callable[..., torch.Tensor], *tensors: torch.Tensor, batch_si
     return torch.cat([fn(*(c.to(device) if device is not None else c for c in chunk)).cpu() for chunk in chunks])
 
 
+def stream_size(defense: Defense, batch_size: int) -> int:
+    """Images per batch when `defense` purifies a set: `batch_size`, at most the defense's `max_batch`."""
+    return batch_size if defense.max_batch is None else min(batch_size, defense.max_batch)
+
+
+@torch.no_grad()
+def purify_stream(defense: Defense, sets: Sequence[torch.Tensor], batch_size: int,
+                  after_batch: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+    """defense.purify of every tensor of `sets`, as if they were one set streamed in batches of
+    stream_size(defense, batch_size) images (a batch may span two tensors), without stacking them; each result on
+    its input's device. With a batch that covers them all, the result is that of one purify call on their
+    concatenation, also for a defense whose result depends on which images share a call (TVM's joint L-BFGS).
+    `after_batch(n)` is called after each purify call of n images (e.g. to collect per-call statistics)."""
+    size, starts = stream_size(defense, batch_size), [0]
+    for t in sets:
+        starts.append(starts[-1] + len(t))
+    out = []
+    for lo in range(0, starts[-1], size):
+        hi = min(lo + size, starts[-1])
+        parts = [t[max(lo - s0, 0):hi - s0] for t, s0, s1 in zip(sets, starts, starts[1:]) if s0 < hi and s1 > lo]
+        out.append(defense.purify(torch.cat(parts)))
+        if after_batch is not None:
+            after_batch(hi - lo)
+    done = torch.cat(out) if out else torch.empty(0)
+    return [done[s0:s1].to(t.device) for t, s0, s1 in zip(sets, starts, starts[1:])]
+
+
 @torch.no_grad()
 def predict(model: Model, x: torch.Tensor, batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
     """Predicted labels (on CPU) for a [0, 1] batch, evaluated in mini-batches."""
@@ -179,7 +206,8 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
     White box: a non-differentiable defense with its own differentiable approximation (`bpda_purify`) is attacked
     through it and, reported beside it as threat `white-identity`, with identity BPDA. A randomised defense meets
     AutoAttack's `rand` version, with EOT over `eot_samples` draws, instead of the profile's version.
-    AutoAttack's failed checks are printed and kept in the `flags` column.
+    AutoAttack's failed checks are printed and kept in the `flags` column. Attacks and predictions run in batches of
+    `batch_size` images; those that go through a defense, of at most its `max_batch` (lib.evaluate.stream_size).
 
     Returns (rows, examples). rows: one row per (threat, defense, attack) with the attack's `eps` and `norm`
     (its threat model), clean and robust accuracy (%), mean perturbation norms, seconds, gradient route and flags.
@@ -198,10 +226,11 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
     classifier.to(device)
     gray_box_models = dict(gray_box_models or {})
     pipelines = {name: Defended(classifier, d.to(device)).eval() for name, d in defenses.items()}
+    batches = {name: stream_size(d, batch_size) for name, d in defenses.items()}   # each defense's bound
     clean = {}
     for name, pipeline in pipelines.items():
         with seeded_rng(_seed_of(name, "clean"), device):
-            clean[name] = (predict(pipeline, x, batch_size, device) == y.cpu())
+            clean[name] = (predict(pipeline, x, batches[name], device) == y.cpu())
 
     rows: list[dict[str, Any]] = []
     examples: list[pd.DataFrame] = []
@@ -213,14 +242,14 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
                                      eot_samples, use_cache):
                     key = (*route.owner, route.spec.name, repr(sorted(route.spec.params.items())))
                     if key not in crafted:
-                        crafted[key] = _crafted(route.spec, route.model, x, y, batch_size=batch_size,
-                                                use_cache=route.cacheable)
+                        crafted[key] = _crafted(route.spec, route.model, x, y, use_cache=route.cacheable,
+                                                batch_size=batch_size if route.owner[0] == "transfer" else batches[name])
                         if crafted[key][2]:
                             print(f"AutoAttack flags ({route.threat} box, {name}, {spec.title}): {crafted[key][2]}")
                     x_adv, seconds, flags = crafted[key]
                     x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
                     with seeded_rng(_seed_of(name, spec.name, dict(spec.params), threat), device):   # randomised defenses
-                        correct = predict(pipelines[name], x_adv, batch_size, device) == y.cpu()
+                        correct = predict(pipelines[name], x_adv, batches[name], device) == y.cpu()
                     delta = (x_adv - x).flatten(1).cpu()
                     outcome = {"threat": route.threat, "defense": name, "attack": spec.title, "eps": spec.eps,
                                "norm": spec.norm}

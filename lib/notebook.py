@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
-from lib import report
+from lib import memory, report
 from lib.data import DatasetUnavailable
 from lib.defenses.base import NotBuiltForDataset
 from lib.profiles import dry_run_banner, is_dry_run, load_profile, notebook_config, notebook_profile
@@ -62,18 +62,21 @@ class Run:
         return results
 
 
-def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = None) -> Run:
+def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = None, out: Path | None = None) -> Run:
     """Load the profile (with dotted-key `overrides`; "<name>-dry-run" for its dry run) as the notebook sees it
     (lib.profiles.notebook_profile: its `dataset_settings` applied), its section for `notebook`, the results
-    folder (skips of an earlier run forgotten), the device and thread count, and seed everything; prints one line
-    saying so (and a second marking a dry run as no results)."""
+    folder (results/<profile>/<notebook>, or `out`, e.g. for an own defense evaluated as notebook 09; skips of an
+    earlier run forgotten), the device and thread count, and seed everything; prints one line saying so (and a
+    second marking a dry run as no results). From then on the kernel's peak memory is written to the results
+    folder after every cell (lib.memory.watch) for the run summary."""
     loaded = notebook_profile(load_profile(profile, overrides), notebook)
-    out = report.results_dir(profile, notebook)
+    out = report.results_dir(profile, notebook) if out is None else report.make_results_dir(out)
     report.reset_skips(out)
     if loaded.get("threads"):
         torch.set_num_threads(loaded["threads"])
     seed_everything(loaded["seed"])
     run = Run(loaded, notebook, notebook_config(loaded, notebook), out, get_device())
+    memory.watch(out, run.device)   # peak memory after every cell -> out/memory.json, for the run summary
     print(f"profile={profile}  device={run.device}  threads={torch.get_num_threads()}  results -> {out}")
     if is_dry_run(loaded):
         print(dry_run_banner(profile))

@@ -27,7 +27,12 @@ def results_root() -> Path:
 
 def results_dir(profile: str, notebook: str) -> Path:
     """results/<profile>/<notebook>/, created with tables/ and figures/ inside."""
-    out = results_root() / profile / notebook
+    return make_results_dir(results_root() / profile / notebook)
+
+
+def make_results_dir(out: Path | str) -> Path:
+    """The folder `out`, created with tables/ and figures/ inside."""
+    out = Path(out)
     for sub in ("tables", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     return out

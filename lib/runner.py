@@ -34,6 +34,7 @@ from traitlets import default
 
 from lib.cache import atomic_write_text
 from lib.data import REPO_ROOT
+from lib.memory import MEMORY_FILE, memory_cell, notebook_memory, paper_scale_section
 from lib.profiles import PROFILES, dry_run_banner, dry_run_name, load_profile
 from lib.report import read_skips, reset_skips, results_dir, results_root
 
@@ -41,7 +42,7 @@ NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
 RUN_ID_ENV = "ADV_RUN_ID"
 STATUS_FILE = "status.json"
 PREVIOUS_DIR = "previous"
-RUN_OUTPUTS = ("tables", "figures", STATUS_FILE)
+RUN_OUTPUTS = ("tables", "figures", STATUS_FILE, MEMORY_FILE)
 INTERRUPTED_EXIT = 130  # the shell's status for a run stopped by a signal (128 + SIGINT)
 MANIFEST_PACKAGES = ("torch", "torchvision", "numpy", "scipy", "pandas", "scikit-learn", "opencv-python-headless",
                      "adversarial-robustness-toolbox", "pyautoattack", "grad-cam", "papermill", "jupyterlab",
@@ -153,6 +154,7 @@ def run_notebook(book: Path, profile: str, run_id: str | None = None, timeout_s:
             os.environ[RUN_ID_ENV] = outer
     record["seconds"] = round(time.perf_counter() - t0, 1)
     record["skipped"] = read_skips(out_dir)
+    record["memory"] = notebook_memory(out_dir, profile, book.stem)   # the kernel's peak; None if setup never ran
     write_status(out_dir, run_id, record)
     return record
 
@@ -184,8 +186,9 @@ def manifest(profile: dict) -> dict:
 
 
 def summary_markdown(profile: str, records: list[dict], total_seconds: float, run_id: str = "") -> str:
-    """SUMMARY.md: each notebook's status, time and skipped parts, then the failures' errors (an interrupted
-    run says which notebook was interrupted and which did not run)."""
+    """SUMMARY.md: each notebook's status, time, peak memory and skipped parts (a dry run: then each notebook's
+    paper-scale memory estimate, lib.memory), then the failures' errors (an interrupted run says which notebook
+    was interrupted and which did not run)."""
     banner = dry_run_banner(profile)
     lines = [f"# Run summary: profile `{profile}`" + (f", run `{run_id}`" if run_id else ""), "",
              *([banner, ""] if banner else []),
@@ -196,10 +199,12 @@ def summary_markdown(profile: str, records: list[dict], total_seconds: float, ru
         not_run = [r["notebook"] for r in records if r["status"] == "not run"]
         lines += [f"**The run was interrupted** during {stopped[0]}; "
                   f"{'not run: ' + ', '.join(not_run) if not_run else 'it was the last notebook'}.", ""]
-    lines += ["| notebook | status | time (s) | skipped parts |", "|---|---|---|---|"]
+    lines += ["| notebook | status | time (s) | peak memory | skipped parts |", "|---|---|---|---|---|"]
     for r in records:
         skipped = "; ".join(f"{s['what']}: {' '.join(s['reason'].split())}" for s in r["skipped"]) or "none"
-        lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {skipped.replace('|', '/')} |")
+        lines.append(f"| {r['notebook']} | {r['status']} | {r['seconds']:.1f} | {memory_cell(r.get('memory'))} "
+                     f"| {skipped.replace('|', '/')} |")
+    lines += paper_scale_section(records)
     failures = [r for r in records if r["status"] != "ok"]
     if failures:
         lines += ["", "## Failures", ""] + [f"- **{r['notebook']}**: {r['error']}" for r in failures]
@@ -296,6 +301,7 @@ def _interrupted_records(books: list[Path], how: str, seconds: float, profile: s
     records[0].update(status="interrupted", seconds=round(seconds, 1), error=f"interrupted by {how}")
     out_dir = results_root() / profile / books[0].stem
     if out_dir.is_dir():
+        records[0]["memory"] = notebook_memory(out_dir, profile, books[0].stem)   # the peak up to its last cell
         write_status(out_dir, run_id, records[0])
     return records
 

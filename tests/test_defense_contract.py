@@ -28,7 +28,6 @@ IDENTITY_BPDA: dict[str, str] = {
     "nlm": "non-local means denoising: output close to the input",
     "jpeg": "JPEG encode/decode: output close to the input (Athalye et al. use the identity for it)",
     "tvm": "total-variation minimisation from kept pixels: a reconstruction of the input",
-    "regionsparse": "OMP sparse coding of the region + bilateral filter elsewhere: a reconstruction of the input",
 }
 
 

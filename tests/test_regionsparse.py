@@ -1,6 +1,7 @@
 """RegionSparse (paper 002): batched OMP vs scikit-learn, patches, dictionaries, localiser, the composed defense,
 the evaluation protocol's strength calibration, and the activation / CAM analysis."""
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,8 @@ from lib.activations import (activation_grid, activation_ratios, cam, channel_ma
                              grad_cam, total_activation)
 from lib.attacks import mi_fgsm_at_l2, normalized_l2, scale_to_normalized_l2
 from lib.defenses.regionsparse import (RegionSparse, RegionSparseConfig, batch_omp, bilateral, dct_dictionary,
-                                       extract_patches, fold_patches, learn_dictionary, localize, zscore_cols)
+                                       extract_patches, fold_patches, learn_dictionary, localize, support_projection,
+                                       zscore_cols)
 from lib.defenses.regionsparse.evaluation import bim_steps, eliminated_share
 from lib.models import build_classifier
 
@@ -124,6 +126,46 @@ def test_region_sparse_output_shape_range_and_composition():
     torch.testing.assert_close(rs.purify(x), out)                     # deterministic
 
 
+def test_bpda_approximation_has_purifys_value_and_straight_through_background():
+    x = (_square_image() + 0.05 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    rs = RegionSparse(TINY, dictionary=_random_dictionary(16, 9))
+    inputs = x.clone().requires_grad_(True)
+    approx = rs.bpda_purify(inputs)
+    torch.testing.assert_close(approx, rs.purify(x), atol=1e-5, rtol=0)
+    weights = torch.randn_like(approx)
+    (grad,) = torch.autograd.grad((approx * weights).sum(), inputs)
+    outside = (rs.region_masks(x)[0] == 0).expand_as(x)
+    assert torch.isfinite(grad).all() and grad[~outside].abs().sum() > 0
+    torch.testing.assert_close(grad[outside], weights[outside])       # bilateral background: identity backward
+    signals = torch.randn(50, 9, dtype=torch.float64)
+    atoms = torch.as_tensor(_random_dictionary(16, 9))
+    torch.testing.assert_close(support_projection(signals, atoms, 3), batch_omp(signals, atoms, 3) @ atoms)
+
+
+def test_bpda_approximation_is_the_exact_derivative_while_omps_support_holds():
+    """Region = whole image, no background filter: RS is then OMP coding alone, and the approximation's directional
+    derivative equals purify's finite difference (steps too small to change the chosen atoms)."""
+    x = 0.1 + 0.8 * torch.rand(2, 1, 12, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    cfg = RegionSparseConfig(patch_size=3, n_atoms=16, sparsity=2, region="full", background="identity")
+    rs = RegionSparse(cfg, dictionary=_random_dictionary(16, 9)).double()
+    direction, weights = torch.randn_like(x), torch.randn_like(x)
+    inputs = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad((rs.bpda_purify(inputs) * weights).sum(), inputs)
+    h = 1e-6
+    finite = ((rs.purify(x + h * direction) - rs.purify(x - h * direction)) * weights).sum() / (2 * h)
+    torch.testing.assert_close((grad * direction).sum(), finite, rtol=1e-5, atol=1e-6)
+
+
+def test_the_benchmark_attacks_region_sparse_through_its_approximation_and_identity_bpda(digits_model, digits_batch):
+    from lib.evaluate import AttackSpec, threat_outcomes
+
+    x, y = digits_batch[0][:8], digits_batch[1][:8]
+    rs = RegionSparse(replace(TINY, loc_scale=0.5), dictionary=_random_dictionary(16, 9))
+    rows, _ = threat_outcomes(digits_model, {"rs": rs}, x, y, [AttackSpec("fgsm", {"eps": 0.2})], threats=("white",),
+                              use_cache=False)
+    assert dict(zip(rows.threat, rows.gradient)) == {"white": "BPDA-approx", "white-identity": "BPDA"}
+
+
 def test_region_sparse_needs_a_dictionary_and_valid_settings():
     with pytest.raises(ValueError, match="dictionary"):
         RegionSparse(TINY).purify(torch.rand(1, 1, 16, 16))
@@ -147,7 +189,7 @@ def test_stages_are_images_of_the_input_shape_and_compose_the_output():
     m = stages["mask"]
     composed = (m * stages["sparse-coded region"] + (1 - m) * stages["bilateral background"]).clamp(0, 1)
     torch.testing.assert_close(composed, rs.purify(x))
-    assert not rs.differentiable and not rs.randomized and rs.bpda_purify is None
+    assert not rs.differentiable and not rs.randomized and rs.bpda_purify is not None
 
 
 def test_scale_to_normalized_l2_hits_the_target():

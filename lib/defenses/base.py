@@ -33,6 +33,9 @@ class Defense(nn.Module):
     `bpda_purify`: a differentiable approximation of `purify` for BPDA's backward pass, when the defense has a
     better one than the identity; None otherwise.
     `stages(x)`: named intermediate images (mask, masked, compressed, restored...) for figures and the explorer.
+    `max_batch`: the most images one `purify` call may get (the profile's `purify_batch_sizes`, set by
+    lib.defenses.registry.bounded); evaluations that stream a set through the defense (lib.evaluate) split it into
+    batches of at most this size, so its memory does not grow with the set.
 
     Every subclass's `purify` checks its input first (lib.validate.check_images: a finite float batch (N, C, H, W)
     in [0, 1]), wrapped on once here, so NaN, infinite or 0-255 images get one clear error from any defense
@@ -42,6 +45,7 @@ class Defense(nn.Module):
     differentiable: bool = True
     randomized: bool = False
     bpda_purify: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    max_batch: Optional[int] = None   # images per purify call the profile allows (purify_batch_sizes); None: any
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -89,7 +89,33 @@ def build(name: str, profile: Profile, dataset: str, classifier: nn.Module, *,
     """The named defense for `dataset`, built (and trained, or loaded from the cache) for `classifier`."""
     if name not in ENTRIES:
         raise ValueError(f"unknown defense {name!r}; valid: {', '.join(ENTRIES)}")
-    return ENTRIES[name][1](profile, dataset, classifier, device=device)
+    built = ENTRIES[name][1](profile, dataset, classifier, device=device)
+    bounded(built.defense, profile, name)
+    return built
+
+
+def purify_batch_size(profile: Profile, name: str) -> int | None:
+    """The profile's `purify_batch_sizes[name]`: the most images one purify call of registry defense `name` may get
+    (None: not bounded). ValueError for a name that is no registered defense or a size that is no positive integer."""
+    sizes = profile.get("purify_batch_sizes") or {}
+    unknown = sorted(set(sizes) - set(ENTRIES))
+    if unknown:
+        raise ValueError(f"profile {profile.get('name')!r}: purify_batch_sizes names unknown defense(s) {unknown}; "
+                         f"valid: {', '.join(ENTRIES)}")
+    size = sizes.get(name)
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"profile {profile.get('name')!r}: purify_batch_sizes.{name} must be a positive integer, "
+                         f"got {size!r}")
+    return size
+
+
+def bounded(defense: Defense, profile: Profile, name: str) -> Defense:
+    """`defense` with its `max_batch` set to purify_batch_size(profile, name) when the profile names one (else left
+    as it is); returns the defense."""
+    size = purify_batch_size(profile, name)
+    if size is not None:
+        defense.max_batch = size
+    return defense
 
 
 def build_each(names: Sequence[str], profile: Profile, dataset: str, classifier: nn.Module, *,

@@ -48,7 +48,7 @@ _DRY_RUN_RULES: tuple[tuple[str, str], ...] = (
     (r"batch_size|eval_batch_size|.*image_size|patch_size",      "keep"),      # batch and model shapes
     (r"n_atoms|n_feats|n_blocks|noise_copies|top_k",             "keep"),      # architectures, not counts of work
     (r".*examples|figure_images",                                "few"),       # figure rows
-    (r"train_size|.*_train_size|n_train",                        "train"),     # training subsets; None (= all) too
+    (r"train_size|.*_train_size|n_train|pool_images",            "train"),     # training subsets (IDFR's FR pool); None too
     (r".*_size|n_.*|.*_images|.*_per_image",                     "size"),      # other subsets; None (= all) too
     (r"epochs|.*_epochs",                                        "one"),
     (r"steps_per_epoch",                                         "few"),

@@ -19,7 +19,7 @@ _INT, _NUMBER, _STR, _BOOL, _MAP, _NONE = "an integer", "a number", "a string", 
 TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "name": (_STR,), "description": (_STR,), "seed": (_INT,), "threads": (_INT, _NONE),
     "eval_batch_size": (_INT,), "notebook_timeout_s": (_NUMBER, _NONE), "datasets": (_MAP,), "notebooks": (_MAP,),
-    "dry_run": (_BOOL,),
+    "dry_run": (_BOOL,), "purify_batch_sizes": (_MAP,),
 }
 REQUIRED = ("name", "seed", "datasets", "notebooks")
 DATASET: dict[str, tuple[str, ...]] = {

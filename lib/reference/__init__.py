@@ -17,7 +17,12 @@ COLUMNS: tuple[str, ...] = (
 )
 INDEX_COLUMNS: tuple[str, ...] = ("paper", "table", "title", "metric", "unit", "spec_section", "description")
 
-__all__ = ["PAPERS", "COLUMNS", "INDEX_COLUMNS", "list_tables", "load_reference", "compare", "beside_paper", "stand_in_label"]
+CONTROL_COLUMNS: tuple[str, ...] = (
+    "dataset", "norm", "eps", "model", "training", "attack", "ours_attack", "clean", "value", "unit", "source",
+)
+
+__all__ = ["PAPERS", "COLUMNS", "INDEX_COLUMNS", "CONTROL_COLUMNS", "list_tables", "load_reference", "load_controls",
+           "compare", "beside_paper", "stand_in_label"]
 
 
 def _read(name: str) -> pd.DataFrame:
@@ -49,4 +54,17 @@ def load_reference(paper: str, table: str) -> pd.DataFrame:
         raise ValueError(f"unknown table {table!r} for paper {paper!r}; valid tables: {', '.join(tables)}")
     frame = _read(f"{paper}/{table}.csv")
     frame["value"] = pd.to_numeric(frame["value"].replace("", None), errors="raise").astype(float)
+    return frame
+
+
+def load_controls() -> pd.DataFrame:
+    """Published robust accuracies of adversarially trained classifiers (controls.csv), the control of notebook 09:
+    one row per (dataset, our dataset name; norm; eps; model; training; attack) with `ours_attack`, the label of our
+    headline attack it is printed beside, `clean` and `value` (robust accuracy) in %, and its `source` (paper and
+    table). eps, clean and value as float."""
+    frame = _read("controls.csv")
+    if tuple(frame.columns) != CONTROL_COLUMNS:
+        raise ValueError(f"controls.csv must have the columns {CONTROL_COLUMNS}, has {tuple(frame.columns)}")
+    for column in ("eps", "clean", "value"):
+        frame[column] = pd.to_numeric(frame[column], errors="raise").astype(float)
     return frame

@@ -295,16 +295,18 @@ class IDFRSetting:
 
     @classmethod
     def from_profile(cls, profile: Mapping[str, Any], dataset: str) -> "IDFRSetting":
-        """The settings of the profile's 02_idfr section for `dataset`: its training subset, attack grid and budgets,
-        ID / FR configurations (seeded with the profile's seed)."""
+        """The settings of the profile's 02_idfr section for `dataset`: its training subset (`id_train_size` images;
+        null: the dataset's `train_size`, all when that is null too, so ImageNet is never loaded whole unless the
+        profile says so), attack grid and budgets, ID / FR configurations (seeded with the profile's seed)."""
         from lib.data import load_dataset
-        from lib.profiles import notebook_config
+        from lib.profiles import dataset_config, notebook_config
 
         cfg = notebook_config(profile, NOTEBOOK)
         if dataset not in cfg["eps"]:
             raise NotBuiltForDataset(f"profile {profile['name']!r} has no IDFR budgets for {dataset!r}; "
                              f"it has: {', '.join(cfg['eps'])}")
-        train = load_dataset(dataset, "train", n=cfg["id_train_size"], seed=profile["seed"])
+        n = cfg["id_train_size"] if cfg["id_train_size"] is not None else dataset_config(profile, dataset).get("train_size")
+        train = load_dataset(dataset, "train", n=n, seed=profile["seed"])
         return cls(train.x, train.y, attack_grid(cfg["attacks"], cfg["eps"][dataset]),
                    IDConfig(**cfg["id"], seed=profile["seed"]), FRConfig(**cfg["fr"], seed=profile["seed"]),
                    dict(cfg["denoiser"]), fr_pool=cfg["fr_pool"], pool_images=cfg["pool_images"])

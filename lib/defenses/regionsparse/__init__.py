@@ -17,7 +17,7 @@ from lib.defenses.regionsparse.dictionary import dct_dictionary, learn_dictionar
 from lib.defenses.regionsparse.factory import build, variant_defenses
 from lib.defenses.regionsparse.filters import bilateral, nlm_smooth
 from lib.defenses.regionsparse.localize import box_mask, localize, localize_batch, localize_steps
-from lib.defenses.regionsparse.omp import batch_omp
+from lib.defenses.regionsparse.omp import batch_omp, support_projection
 from lib.defenses.regionsparse.patches import extract_patches, fold_patches, zscore_cols
 from lib.defenses.regionsparse.selection import SparsitySelection, profile_config, select_sparsity
 from lib.defenses.regionsparse.training import trained_copy, trained_dictionary
@@ -25,6 +25,6 @@ from lib.defenses.regionsparse.training import trained_copy, trained_dictionary
 __all__ = [
     "VARIANTS", "RegionSparse", "RegionSparseConfig", "SparsitySelection", "batch_omp", "bilateral", "box_mask",
     "build", "dct_dictionary", "extract_patches", "fold_patches", "learn_dictionary", "localize", "localize_batch",
-    "localize_steps", "nlm_smooth", "profile_config", "select_sparsity", "trained_copy", "trained_dictionary",
+    "localize_steps", "nlm_smooth", "profile_config", "select_sparsity", "support_projection", "trained_copy", "trained_dictionary",
     "training_patches", "variant_defenses", "zscore_cols",
 ]

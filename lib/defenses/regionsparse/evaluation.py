@@ -20,7 +20,7 @@ from lib import cache
 from lib.attacks import bim, cw_l2_fixed_c, fgsm, mi_fgsm, mi_fgsm_at_l2, normalized_l2, scale_to_normalized_l2
 from lib.data import ImageData, load_dataset
 from lib.defenses.base import Defense
-from lib.evaluate import accuracy, in_batches, model_digest, predict
+from lib.evaluate import accuracy, in_batches, model_digest, predict, purify_stream
 from lib.profiles import dataset_config, notebook_config
 
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -134,13 +134,21 @@ def craft_strength_sets(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grid
 
 def purify_sets(defense: Defense, x: torch.Tensor, sets: Mapping[tuple[str, float], torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[tuple[str, float], torch.Tensor]]:
-    """defense.purify of the clean images and of every adversarial set, in one batched pass."""
-    keys = list(sets)
-    stacked = torch.cat([x, *(sets[k] for k in keys)])
-    with torch.no_grad():
-        out = defense.purify(stacked)
-    parts = out.split(len(x))
-    return parts[0], dict(zip(keys, parts[1:]))
+    """defense.purify of the clean images and of every adversarial set, streamed through the defense in batches of
+    its `max_batch` images (the profile's purify_batch_sizes; all in one call when it has none) without stacking.
+    A defense with `last_stats` (RegionSparse) is left with their image-weighted mean over all batches."""
+    keys, tensors = list(sets), [x, *sets.values()]
+    weighted: list[tuple[int, dict[str, float]]] = []
+
+    def collect(n: int) -> None:
+        if hasattr(defense, "last_stats"):
+            weighted.append((n, dict(defense.last_stats)))
+
+    clean, *purified = purify_stream(defense, tensors, sum(len(t) for t in tensors), after_batch=collect)
+    if weighted:
+        total = sum(n for n, _ in weighted)
+        defense.last_stats = {k: sum(n * stats[k] for n, stats in weighted) / total for k in weighted[0][1]}
+    return clean, dict(zip(keys, purified))
 
 
 def accuracy_curves(classifiers: Mapping[str, Model] | Model, purified: Mapping[str, tuple[torch.Tensor, Mapping]],

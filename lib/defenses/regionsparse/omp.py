@@ -13,6 +13,29 @@ def batch_omp(signals: torch.Tensor, dictionary: torch.Tensor, sparsity: int, ch
     picks the atom of largest |residual correlation| (not yet chosen) and refits all chosen coefficients by
     least squares (batched solve). A signal whose residual correlation vanishes stops early, like scikit-learn.
     """
+    support, valid, coef = _omp(signals, dictionary, sparsity, chunk)
+    return signals.new_zeros(len(signals), dictionary.shape[0]).scatter_add_(1, support, coef)
+
+
+def support_projection(signals: torch.Tensor, dictionary: torch.Tensor, sparsity: int,
+                       chunk: int = 200_000) -> torch.Tensor:
+    """The reconstructions (n, d) `batch_omp(signals, ...) @ dictionary`, differentiable in `signals`: OMP chooses each
+    signal's atoms without gradients, then the signal is projected onto their span by a differentiable least-squares
+    solve. Its value is OMP's reconstruction; its gradient is exact wherever the chosen atoms do not change."""
+    with torch.no_grad():
+        support, valid, _ = _omp(signals.detach(), dictionary, sparsity, chunk)
+    atoms = dictionary.to(signals)[support]                                  # (n, K, d)
+    both = valid[:, :, None] & valid[:, None, :]
+    eye = torch.eye(support.shape[1], device=signals.device, dtype=signals.dtype).expand(len(signals), -1, -1)
+    gram = torch.where(both, atoms @ atoms.transpose(1, 2), eye)
+    rhs = torch.where(valid, torch.einsum("nd,nkd->nk", signals, atoms), torch.zeros_like(valid, dtype=signals.dtype))
+    coef = torch.linalg.solve(gram, rhs)
+    return torch.einsum("nk,nkd->nd", coef, atoms)
+
+
+def _omp(signals: torch.Tensor, dictionary: torch.Tensor, sparsity: int, chunk: int
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(support (n, K) atom indices, valid (n, K) slots in use, coef (n, K), zero on unused slots) of OMP."""
     if signals.dim() != 2 or dictionary.dim() != 2 or signals.shape[1] != dictionary.shape[1]:
         raise ValueError(f"need signals (n, d) and dictionary (k, d); got {tuple(signals.shape)} and "
                          f"{tuple(dictionary.shape)}")
@@ -20,12 +43,16 @@ def batch_omp(signals: torch.Tensor, dictionary: torch.Tensor, sparsity: int, ch
     if sparsity > dictionary.shape[0]:
         raise ValueError(f"sparsity {sparsity} exceeds the number of atoms {dictionary.shape[0]}")
     dictionary = dictionary.to(device=signals.device, dtype=signals.dtype)
+    if not len(signals):
+        empty = torch.zeros(0, sparsity, dtype=torch.long, device=signals.device)
+        return empty, empty.bool(), signals.new_zeros(0, sparsity)
     gram = dictionary @ dictionary.T
-    return torch.cat([_omp_chunk(s, dictionary, gram, sparsity) for s in signals.split(chunk)]) if len(signals) else \
-        signals.new_zeros(0, dictionary.shape[0])
+    parts = [_omp_chunk(s, dictionary, gram, sparsity) for s in signals.split(chunk)]
+    return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def _omp_chunk(x: torch.Tensor, dictionary: torch.Tensor, gram: torch.Tensor, sparsity: int) -> torch.Tensor:
+def _omp_chunk(x: torch.Tensor, dictionary: torch.Tensor, gram: torch.Tensor, sparsity: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n, k = x.shape[0], dictionary.shape[0]
     rows = torch.arange(n, device=x.device)
     corr0 = x @ dictionary.T                       # (n, k) correlations with the signal
@@ -52,5 +79,4 @@ def _omp_chunk(x: torch.Tensor, dictionary: torch.Tensor, gram: torch.Tensor, sp
         rhs = torch.where(v, corr0.gather(1, s), torch.zeros_like(corr0[:, :t + 1]))
         coef = torch.linalg.solve(g, rhs)          # zero on invalid slots
         corr = corr0 - torch.einsum("nt,ntk->nk", coef, gram[s])
-    codes = x.new_zeros(n, k)
-    return codes.scatter_add_(1, support, coef * valid)
+    return support, valid, coef * valid

@@ -20,6 +20,7 @@ from lib.defenses.regionsparse.defense import RegionSparse
 from lib.defenses.regionsparse.evaluation import (NOTEBOOK, accuracy_curves, craft_strength_sets,
                                                   dictionary_images, evaluation_images, purify_sets)
 from lib.defenses.regionsparse.training import trained_dictionary
+from lib.defenses.registry import purify_batch_size
 from lib.evaluate import model_digest
 from lib.profiles import notebook_config
 
@@ -42,11 +43,13 @@ def profile_config(profile: Mapping[str, Any]) -> RegionSparseConfig:
 
 def score_candidates(cfg: RegionSparseConfig, atoms: torch.Tensor, classifier: nn.Module, x: torch.Tensor,
                      y: torch.Tensor, sets: Mapping[tuple[str, float], torch.Tensor],
-                     candidates: list[int]) -> pd.DataFrame:
-    """Clean and mean robust accuracy (%) and their sum for RegionSparse with each candidate K."""
+                     candidates: list[int], max_batch: int | None = None) -> pd.DataFrame:
+    """Clean and mean robust accuracy (%) and their sum for RegionSparse with each candidate K (purifying at most
+    `max_batch` images per call; None: all at once)."""
     rows = []
     for k in candidates:
         defense = RegionSparse(replace(cfg, sparsity=int(k)), dictionary=atoms)
+        defense.max_batch = max_batch
         curves = accuracy_curves(classifier, {"RegionSparse": purify_sets(defense, x, sets)}, y, "selection")
         clean = float(curves[curves["strength"] == 0]["accuracy"].iloc[0])
         robust = float(curves[curves["strength"] > 0]["accuracy"].mean())
@@ -79,7 +82,8 @@ def select_sparsity(profile: Mapping[str, Any], dataset: str, classifier: nn.Mod
                                   batch_size=profile["eval_batch_size"])
 
     def compute() -> dict[str, torch.Tensor]:
-        table = score_candidates(cfg, atoms, classifier, x, y, sets, candidates)
+        table = score_candidates(cfg, atoms, classifier, x, y, sets, candidates,
+                                 max_batch=purify_batch_size(profile, "regionsparse"))
         return {c: torch.tensor(table[c].to_numpy(dtype=float)) for c in COLUMNS}
 
     config = {"cfg": dict(cfg.__dict__, sparsity=None), "atoms": cache.tensor_digest(atoms),

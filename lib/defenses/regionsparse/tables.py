@@ -36,8 +36,9 @@ from lib.defenses.regionsparse.omp import batch_omp
 from lib.defenses.regionsparse.patches import extract_patches
 from lib.defenses.regionsparse.selection import SparsitySelection, profile_config, select_sparsity
 from lib.defenses.regionsparse.training import trained_copy, trained_dictionary
+from lib.defenses.registry import bounded
 from lib.defenses.squeeze import MedianFilter
-from lib.evaluate import accuracy, in_batches, predict
+from lib.evaluate import accuracy, in_batches, predict, stream_size
 from lib.models import build_classifier
 from lib.notebook import Run
 from lib.profiles import dataset_config
@@ -164,7 +165,8 @@ def sparsity_table(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
     def select(case: Case) -> pd.DataFrame:
         case.selection = select_sparsity(study.run.profile, case.name, case.target, device=study.run.device)
         cfg = replace(profile_config(study.run.profile), sparsity=case.selection.chosen)
-        case.rs = RegionSparse(cfg, dictionary=trained_dictionary(case.x_dict, cfg)[0])
+        case.rs = bounded(RegionSparse(cfg, dictionary=trained_dictionary(case.x_dict, cfg)[0]), study.run.profile,
+                          "regionsparse")
         return case.selection.table.assign(dataset=case.name)
 
     tables = study.timed("dictionary and K", select)
@@ -267,10 +269,14 @@ def _curves(study: Study, df: pd.DataFrame, title: str, fname: str) -> None:
 
 
 def _defenses(study: Study, case: Case) -> dict[str, Defense]:
-    """The gray-box line-up: no defense, TVM, 2x2 median, JPEG 75 and RegionSparse."""
-    bl = study.config["baselines"]
-    return {"No defense": NoDefense(), "TVM": TotalVariationMinimization(**bl["tvm"], seed=study.run.profile["seed"]),
-            "Median 2x2": MedianFilter(**bl["median"]), "JPEG": JPEGCompression(**bl["jpeg"]), RS: case.rs}
+    """The gray-box line-up: no defense, TVM, 2x2 median, JPEG 75 and RegionSparse, each purifying at most the
+    profile's purify_batch_sizes of its registry name per call."""
+    bl, profile = study.config["baselines"], study.run.profile
+    line_up = {"No defense": ("none", NoDefense()),
+               "TVM": ("tvm", TotalVariationMinimization(**bl["tvm"], seed=profile["seed"])),
+               "Median 2x2": ("median", MedianFilter(**bl["median"])), "JPEG": ("jpeg", JPEGCompression(**bl["jpeg"])),
+               RS: ("regionsparse", case.rs)}
+    return {label: bounded(d, profile, name) for label, (name, d) in line_up.items()}
 
 
 def _craft(study: Study, model: nn.Module, x: torch.Tensor, y: torch.Tensor, grids: dict) -> tuple[dict, pd.DataFrame]:
@@ -319,7 +325,8 @@ def ablation(study: Study) -> pd.DataFrame:
 
     def run(case: Case) -> pd.DataFrame:
         sub = _at_ablation_levels(study, case.results["sets"])
-        purified = {v: purify_sets(d, case.x, sub) for v, d in variant_defenses(case.rs.cfg, case.x_dict).items()}
+        variants = variant_defenses(case.rs.cfg, case.x_dict)
+        purified = {v: purify_sets(bounded(d, study.run.profile, "regionsparse"), case.x, sub) for v, d in variants.items()}
         abl = accuracy_curves(case.target, purified, case.y, "ablation")
         clean = pd.DataFrame([{"setting": "ablation", "defense": v, "attack": "Clean", "strength": 0.0,
                                "accuracy": accuracy(case.target, p[0], case.y)} for v, p in purified.items()])
@@ -357,7 +364,7 @@ def black_box(study: Study) -> tuple[pd.DataFrame, pd.DataFrame]:
         r["retrained"] = {"No defense": case.target}
         for dname, d in r["defenses"].items():
             if dname != "No defense":
-                x_d = in_batches(d.purify, data.x, batch_size=1000, device=study.run.device)
+                x_d = in_batches(d.purify, data.x, batch_size=stream_size(d, 1000), device=study.run.device)
                 r["retrained"][dname], _ = trained_copy(case.target, ImageData(x_d, data.y, data.info), cfg,
                                                         tag=f"{case.name}-{dname}",
                                                         config={"defense": dname, "dataset": case.name},
