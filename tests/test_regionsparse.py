@@ -14,7 +14,7 @@ from lib.attacks import mi_fgsm_at_l2, normalized_l2, scale_to_normalized_l2
 from lib.defenses.regionsparse import (RegionSparse, RegionSparseConfig, batch_omp, bilateral, dct_dictionary,
                                        extract_patches, fold_patches, learn_dictionary, localize, support_projection,
                                        zscore_cols)
-from lib.defenses.regionsparse.evaluation import bim_steps, eliminated_share
+from lib.defenses.regionsparse.evaluation import bim_steps, eliminated_share, split_counts
 from lib.models import build_classifier
 
 TINY = RegionSparseConfig(patch_size=3, n_atoms=16, sparsity=2, dict_epochs=1, patches_per_image=40, stride=1,
@@ -282,3 +282,12 @@ def test_build_selects_k_in_the_run_and_keeps_the_contract():
     assert built.meta["cache_key"] and built.meta["train_seconds"] >= 0
     x = torch.rand(3, 1, 8, 8)
     assert built.defense.purify(x).shape == x.shape
+
+
+def test_evaluation_and_calibration_counts_share_what_a_weak_classifier_gets_right():
+    assert split_counts(1000, 200, 100) == (200, 100)               # enough correct images: the profile's counts
+    assert split_counts(6, 16, 16) == (3, 3)                        # a dry run's untrained classifier
+    assert split_counts(2, 200, 100) == (1, 1)                      # one each, never an empty calibration set
+    assert split_counts(30, 200, 100) == (20, 10)
+    with pytest.raises(ValueError, match="at least 2"):
+        split_counts(1, 16, 16)

@@ -61,15 +61,34 @@ class EvaluationImages:
 
 def evaluation_images(profile: Mapping[str, Any], dataset: str, classifier: nn.Module,
                       device: torch.device | None = None) -> EvaluationImages:
-    """The first `n_eval` test images `classifier` gets right, then the next `n_calibration` ones (on `device`)."""
+    """The first `n_eval` test images `classifier` gets right, then the next `n_calibration` ones (on `device`).
+
+    When the test subset holds fewer correct images than both need (a weak classifier, a dry run), they are split in
+    the profile's n_eval : n_calibration ratio, at least one each, and the shortfall is printed."""
     section = notebook_config(profile, NOTEBOOK)
     test = load_split(profile, dataset, "test")
     correct = predict(classifier, test.x) == test.y
     idx = torch.nonzero(correct).flatten()
-    n_eval, n_cal = section["n_eval"], section["n_calibration"]
+    n_eval, n_cal = split_counts(len(idx), section["n_eval"], section["n_calibration"])
+    if (n_eval, n_cal) != (section["n_eval"], section["n_calibration"]):
+        print(f"{dataset}: the classifier gets {len(idx)} of {len(test.y)} test images right, fewer than n_eval "
+              f"{section['n_eval']} + n_calibration {section['n_calibration']}: evaluating on {n_eval}, "
+              f"selecting K on {n_cal}")
     ev, cal = idx[:n_eval], idx[n_eval:n_eval + n_cal]
     return EvaluationImages(test.x[ev].to(device), test.y[ev].to(device), test.x[cal].to(device),
                             test.y[cal].to(device), 100.0 * float(correct.float().mean()), test.info)
+
+
+def split_counts(available: int, n_eval: int, n_calibration: int) -> tuple[int, int]:
+    """(evaluation, calibration) image counts: the profile's when `available` covers both, else `available` split in
+    their ratio with at least one each (ValueError below two)."""
+    if available >= n_eval + n_calibration:
+        return n_eval, n_calibration
+    if available < 2:
+        raise ValueError(f"the classifier gets {available} test image(s) right: at least 2 are needed, one to "
+                         f"evaluate on and one to select K on")
+    n_cal = min(max(1, round(available * n_calibration / (n_eval + n_calibration))), available - 1)
+    return available - n_cal, n_cal
 
 
 def attack_grids(linf: Sequence[float], l2: Sequence[float]) -> dict[str, list[float]]:
