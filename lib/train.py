@@ -22,6 +22,7 @@ from lib import cache
 from lib.data import ImageData, load_dataset
 from lib.defenses.base import NotBuiltForDataset
 from lib.profiles import dataset_config
+from lib.profiles.schema import CLASSIFIER_ROLES
 from lib.runtime import get_device, seed_everything
 
 OPTIMIZERS = ("adam", "sgd")
@@ -258,8 +259,9 @@ def _fits(model: nn.Module) -> Callable[[dict], None]:
 
 def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "target",
                        device: torch.device | None = None) -> tuple[nn.Module, dict]:
-    """The profile's classifier for a dataset: role 'target', its independent 'surrogate', or 'adversarial'
-    (the target's architecture trained with PGD adversarial training, Madry et al. 2018, a baseline defense).
+    """The profile's classifier for a dataset: role 'target', its independent 'surrogate', 'adversarial' (the
+    target's architecture trained with PGD adversarial training, Madry et al. 2018, a baseline defense) or
+    'transfer' (one more independent classifier, as ARN's Table 5 VGG-19).
 
     Trained on the profile's training subset (or the role's own `train_size`), cached; metadata carries the
     test accuracy. The role's spec is read by lib.models.classifier_from_spec (arch, width, depth, pretrained,
@@ -270,13 +272,13 @@ def trained_classifier(profile: Mapping[str, Any], dataset: str, role: str = "ta
     from lib.evaluate import accuracy
     from lib.models import ARCH_KEYWORDS, classifier_from_spec
 
-    roles = {"target": "classifier", "surrogate": "surrogate", "adversarial": "adversarial"}
-    if role not in roles:
-        raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(roles)}")
+    if role not in CLASSIFIER_ROLES:
+        raise ValueError(f"unknown role {role!r}; valid roles: {', '.join(CLASSIFIER_ROLES)}")
+    key = CLASSIFIER_ROLES[role]
     section = dataset_config(profile, dataset)
-    if roles[role] not in section:
-        raise NotBuiltForDataset(f"profile {profile['name']!r} has no {roles[role]!r} settings for dataset {dataset!r}")
-    spec = dict(section[roles[role]])
+    if key not in section:
+        raise NotBuiltForDataset(f"profile {profile['name']!r} has no {key!r} settings for dataset {dataset!r}")
+    spec = dict(section[key])
     size = spec.get("image_size")
     if spec.get("pretrained") and spec.get("epochs") == 0:
         return _published_classifier(spec, load_dataset(dataset, "test", n=section.get("test_size"),

@@ -58,7 +58,7 @@ def test_beside_paper_rows_labels_a_stand_in_and_keeps_the_diff_like_for_like(tm
     cross = T.beside_paper_rows(run, SimpleNamespace(dataset="mnist", budgets={"paper_dataset": "MNIST"}),
                                 ours.assign(model="WRN"), "table5", on=("model", "defense", "attack"),
                                 cross_model=True)
-    assert "paper (CIFAR-10, resnet110, wrn-28-20; ours mnist, lenet5, smallcnn)" in cross.columns
+    assert "paper (CIFAR-10, resnet110, wrn-28-20, vgg19; ours mnist, lenet5, smallcnn)" in cross.columns
     assert "diff" not in cross.columns
 
 

@@ -22,9 +22,11 @@ TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "dry_run": (_BOOL,), "purify_batch_sizes": (_MAP,),
 }
 REQUIRED = ("name", "seed", "datasets", "notebooks")
+# lib.train.trained_classifier's roles -> the dataset section's key that holds each role's classifier spec
+CLASSIFIER_ROLES: dict[str, str] = {"target": "classifier", "surrogate": "surrogate", "adversarial": "adversarial",
+                                    "transfer": "transfer"}
 DATASET: dict[str, tuple[str, ...]] = {
-    "train_size": (_INT, _NONE), "test_size": (_INT, _NONE), "classifier": (_MAP,), "surrogate": (_MAP,),
-    "adversarial": (_MAP,),
+    "train_size": (_INT, _NONE), "test_size": (_INT, _NONE), **{key: (_MAP,) for key in CLASSIFIER_ROLES.values()},
 }
 CLASSIFIER: dict[str, tuple[str, ...]] = {   # lib.train.trained_classifier, TrainConfig and lib.models' specs
     "arch": (_STR,), "width": (_NUMBER,), "depth": (_INT, _NONE), "epochs": (_INT,), "batch_size": (_INT,),
@@ -45,7 +47,7 @@ def check_profile(profile: Any, source: str | Path) -> None:
         raise ValueError(f"{where} lacks the required setting(s) {', '.join(missing)}")
     for dataset, section in profile["datasets"].items():
         _check_section(section, DATASET, where, f"datasets.{dataset}")
-        for role in ("classifier", "surrogate", "adversarial"):
+        for role in CLASSIFIER_ROLES.values():
             if role in section:
                 _check_section(section[role], CLASSIFIER, where, f"datasets.{dataset}.{role}")
     known = sorted(p.stem for p in NOTEBOOKS_DIR.glob("[0-9][0-9]_*.ipynb"))

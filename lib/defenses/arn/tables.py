@@ -45,7 +45,8 @@ TABLE5 = ["PGD_N", "PGD_T", "CW_N", "DDN_N", "AA_N", "STA_N", "STA_T"]
 HEADLINE = ["Clean", "PGD_N", "PGD_T", "CW_N", "DDN_N", "STA_N"]
 # the paper's classifier per dataset, as our model zoo names it (advertorch's LeNet5 is our lenet5)
 PAPER_MODELS = {"MNIST": "lenet5", "CIFAR-10": "resnet110"}
-TABLE5_PAPER_MODELS = "resnet110, wrn-28-20"   # Table 5's f and second classifier (its VGG-19 is not reproduced)
+TABLE5_PAPER_MODELS = "resnet110, wrn-28-20, vgg19"   # Table 5's f and its two other classifiers
+TABLE5_ROLES = {"WRN": "surrogate", "VGG": "transfer"}   # Table 5's other classifiers: our classifier role for each
 
 
 @dataclass
@@ -57,7 +58,7 @@ class Experiment:
     train: "ImageData"
     test: "ImageData"
     classifier: nn.Module
-    second: nn.Module
+    others: dict[str, nn.Module]                         # Table 5's column (WRN, VGG) -> our classifier in it
     suite: dict[str, "AttackSpec"]
     adversarial: dict[str, torch.Tensor]                 # attack name -> test set crafted against the classifier
     models: dict[tuple[str, int], Purifier]              # (variant, seed) -> trained purifier
@@ -113,20 +114,28 @@ def record_skips(run: "Run") -> None:
 
 
 def prepare(run: "Run", dataset: str) -> Experiment:
-    """Data subsets, the target f and the second classifier, every attack set (the seen ones on the training
-    subset, the suite on the test subset, against f), every purifier of the section and AT_PGD: all cached."""
+    """Data subsets, the target f and Table 5's other classifiers (those the profile has for the dataset; a missing
+    one is recorded as a skip), every attack set (the seen ones on the training subset, the suite on the test
+    subset, against f), every purifier of the section and AT_PGD: all cached."""
+    from lib.defenses.base import NotBuiltForDataset
     from lib.train import trained_classifier
 
     profile, cfg, device = run.profile, run.config, run.device
     c = budgets(cfg, dataset)
     train, test = arn_subset(profile, dataset, "train"), arn_subset(profile, dataset, "test")
     clf, meta = trained_classifier(profile, dataset, "target", device=device)
-    second, second_meta = trained_classifier(profile, dataset, "surrogate", device=device)
-    classifier_rows = [{"dataset": dataset, "role": role, "arch": profile["datasets"][dataset][key]["arch"],
+    roles, others = [("target f", "classifier", meta)], {}
+    for column, role in TABLE5_ROLES.items():
+        try:
+            others[column], other_meta = trained_classifier(profile, dataset, role, device=device)
+        except NotBuiltForDataset as err:
+            run.skip(f"Table 5's {column} column on {dataset}", str(err))
+            continue
+        roles.append((f"Table 5 {column} column", role, other_meta))
+    classifier_rows = [{"dataset": dataset, "role": role, "arch": _arch(profile, dataset, key),
                         "test accuracy (%)": m["test_accuracy"], "from cache": m["cache_hit"],
                         "purifier train images": len(train), "test images": len(test)}
-                       for role, key, m in (("target f", "classifier", meta),
-                                            ("second classifier", "surrogate", second_meta))]
+                       for role, key, m in roles]
     batch_size = profile["eval_batch_size"]
 
     def craft_here(spec: "AttackSpec", model: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -157,7 +166,7 @@ def prepare(run: "Run", dataset: str) -> Experiment:
                            "train seconds": at_meta["train_seconds"], "from cache": at_meta["cache_hit"],
                            "AT eps": profile["datasets"][dataset]["adversarial"]["attack"]["eps"],
                            "table eps": c["eps"]})
-    return Experiment(dataset, c, train, test, clf, second, suite, adversarial, models, at, classifier_rows,
+    return Experiment(dataset, c, train, test, clf, others, suite, adversarial, models, at, classifier_rows,
                       attack_rows, train_rows, craft_here, batch_size, cfg["seeds"][0])
 
 
@@ -176,7 +185,7 @@ def loss_settings_table(run: "Run") -> pd.DataFrame:
 
 
 def classifiers_table(run: "Run", experiments: Mapping[str, Experiment]) -> pd.DataFrame:
-    """The target and second classifier of each dataset, with their test accuracy."""
+    """The target and Table 5's other classifiers of each dataset, with their test accuracy."""
     table = pd.DataFrame([r for e in experiments.values() for r in e.classifier_rows])
     report.save_table(table, "classifiers", run.out, caption="Classifiers (profile settings)")
     return table
@@ -245,8 +254,8 @@ def beside_paper_rows(run: "Run", e: Experiment, ours: pd.DataFrame, table: str,
                       on: Sequence[str] = ("defense", "attack"), cross_model: bool = False) -> pd.DataFrame:
     """Our rows beside the paper's `table` rows (lib.reference.beside_paper), with a `status` column: 'both',
     'paper only (not reproduced)' or 'ours only (no paper number)'. The paper's setting is its dataset and
-    classifier (Table 5, `cross_model`: CIFAR-10 with ResNet-110 and WRN-28-20); a different one of ours labels
-    the paper column and drops the difference."""
+    classifier (Table 5, `cross_model`: CIFAR-10 with ResNet-110, WRN-28-20 and VGG-19); a different one of ours
+    labels the paper column and drops the difference."""
     from lib.reference import beside_paper, load_reference
 
     paper_dataset = "CIFAR-10" if cross_model else e.budgets["paper_dataset"]
@@ -254,7 +263,8 @@ def beside_paper_rows(run: "Run", e: Experiment, ours: pd.DataFrame, table: str,
     reference = reference[reference["dataset"] == paper_dataset]
     if cross_model:
         paper_model = TABLE5_PAPER_MODELS
-        our_model = f"{_arch(run.profile, e.dataset, 'classifier')}, {_arch(run.profile, e.dataset, 'surrogate')}"
+        our_model = ", ".join(_arch(run.profile, e.dataset, role) for role in ("classifier", *TABLE5_ROLES.values())
+                              if role in run.profile["datasets"][e.dataset])
     else:
         paper_model, our_model = PAPER_MODELS[paper_dataset], _arch(run.profile, e.dataset, "classifier")
     joined = beside_paper(ours, reference, list(on), value_col="error",
@@ -520,23 +530,27 @@ def table4(run: "Run", e: Experiment) -> pd.DataFrame:
 
 
 def table5(run: "Run", e: Experiment) -> pd.DataFrame:
-    """Table 5: ARN_PP, trained only on examples crafted against f, unchanged in front of the second classifier
-    and attacked through it (keys: our f <-> the paper's ResNet-110, our second <-> its WRN-28-20)."""
+    """Table 5: ARN_PP, trained only on examples crafted against f, unchanged in front of each other classifier
+    and attacked through it (keys: our f <-> the paper's ResNet-110, our surrogate <-> its WRN-28-20, our transfer
+    classifier <-> its VGG-19; a column without a classifier of ours is left to the paper)."""
     n, x, y = _subset(e, "transfer_size", run)
-    other_adv = {a: e.craft(e.suite[a], e.second, x, y)[0] for a in TABLE5 if a in e.suite}
-    rows = [{**r, "model": "WRN"}
-            for r in error_rows(e.second, {"None": NoDefense(), "ARN": e.model("ARN_PP")}, other_adv, y, e.batch_size)]
+    rows = []
+    for column, other in e.others.items():
+        other_adv = {a: e.craft(e.suite[a], other, x, y)[0] for a in TABLE5 if a in e.suite}
+        rows += [{**r, "model": column} for r in error_rows(other, {"None": NoDefense(), "ARN": e.model("ARN_PP")},
+                                                             other_adv, y, e.batch_size)]
     on_target = e.errors.query("defense == 'ARN_PP' and attack in @TABLE5")
     rows += [{"defense": "ARN", "attack": a, "error": err, "model": "ResNet"}
              for a, err in zip(on_target["attack"], on_target["error"])]
     joined = beside_paper_rows(run, e, pd.DataFrame(rows), "table5", on=("model", "defense", "attack"),
                                cross_model=True)
     ours_name = {"ResNet": f"f ({_arch(run.profile, e.dataset, 'classifier')})",
-                 "WRN": f"second ({_arch(run.profile, e.dataset, 'surrogate')})"}
+                 **{column: f"{TABLE5_ROLES[column]} ({_arch(run.profile, e.dataset, TABLE5_ROLES[column])})"
+                    for column in e.others}}
     joined["our classifier"] = joined["model"].map(ours_name).fillna("not reproduced")
     report.save_table(joined, f"table5_{e.dataset}", run.out,
-                      caption=f"Table 5: cross-model ARN, error (%), ours on {e.dataset} (n={n} for the second "
-                              "classifier) beside the paper's CIFAR-10")
+                      caption=f"Table 5: cross-model ARN, error (%), ours on {e.dataset} (n={n} for the other "
+                              "classifiers) beside the paper's CIFAR-10")
     return joined
 
 
