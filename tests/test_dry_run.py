@@ -2,6 +2,7 @@
 profiles run end to end on tiny datasets written in each real on-disk format (tests/fixtures/datasets.py)."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from fixtures import datasets as fixture
 from lib import runner
+from lib.profiles.schema import CLASSIFIER_ROLES
 from lib.profiles import (DRY_RUN_FEW, DRY_RUN_SIZE, DRY_RUN_TRAIN, PROFILES, dry_run, dry_run_banner, dry_run_name,
                           is_dry_run, load_profile)
 
@@ -37,11 +39,42 @@ def _last_key(path) -> str:
     return next(k for k in reversed(path) if isinstance(k, str))
 
 
+def _attack_lists(tree, path=()):
+    """(path, list) of every list of attack entries (mappings with a `name`) in a profile."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _attack_lists(value, (*path, str(key)))
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) and "name" in v for v in tree):
+        yield path, tree
+
+
+def _kind(entry) -> tuple:
+    return entry["name"], entry.get("norm"), tuple(sorted(entry.get("params") or {}))
+
+
+def _label(entry) -> str:
+    return entry.get("label", entry["name"])
+
+
+def _aligned(full, dry):
+    """`full` with each attack list cut to the entries the dry run kept (by label), after checking that the dry
+    run kept exactly one entry of each kind of attack, in order."""
+    full = copy.deepcopy(full)
+    for path, kept in _attack_lists(dry):
+        first_of_kind = {}
+        for entry in _get(full, path):
+            first_of_kind.setdefault(_kind(entry), entry)
+        assert [_label(e) for e in kept] == [_label(e) for e in first_of_kind.values()], path
+        _get(full, path[:-1])[path[-1]] = list(first_of_kind.values())
+    return full
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_dry_run_caps_every_count_and_keeps_the_rest(name):
     full, dry = load_profile(name), load_profile(dry_run_name(name))
     assert dry == dry_run(full) and is_dry_run(dry) and not is_dry_run(full)
     assert dry["name"] == f"{name}-dry-run" and dry["datasets"].keys() == full["datasets"].keys()
+    full = _aligned(full, dry)
     capped = 0
     for path, value in _leaves(dry):
         key = _last_key(path)
@@ -84,12 +117,21 @@ def test_step_lists_stay_increasing_and_none_steps_keep_the_papers_rule():
     assert dry["09_cross_defense_benchmark"]["attacks"][-1]["params"]["n_queries"] == DRY_RUN_FEW
 
 
+def test_attack_lists_keep_one_entry_per_kind_of_attack():
+    """Entries that differ only in budget are a sweep (one kept); a different loss or norm is another code path."""
+    dry = load_profile("paper-dry-run")["notebooks"]
+    labels = {key: [e["label"] for e in dry["01_sfm_defense"][key]] for key in ("black_attacks", "gray_attacks")}
+    assert labels == {"black_attacks": ["PGD-8", "MIM-8", "Diverse-8"], "gray_attacks": ["FGSM-8", "PGD-8", "CW"]}
+    assert [e["label"] for e in dry["09_cross_defense_benchmark"]["attacks"]] == [
+        e["label"] for e in load_profile("paper")["notebooks"]["09_cross_defense_benchmark"]["attacks"]]
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_a_dry_run_trains_nothing_a_full_run_would_load(name):
     """Cached classifiers are keyed by their training subset and settings: every one differs in the dry run."""
     full, dry = load_profile(name), load_profile(dry_run_name(name))
     for dataset, section in full["datasets"].items():
-        for role in ("classifier", "surrogate", "adversarial"):
+        for role in CLASSIFIER_ROLES.values():
             if role in section:
                 before = (section.get("train_size"), section[role]["epochs"])
                 after = (dry["datasets"][dataset].get("train_size"), dry["datasets"][dataset][role]["epochs"])
@@ -144,15 +186,14 @@ def _statuses(out: Path) -> dict[str, dict]:
     return {book.stem: runner.read_status(out / book.stem) for book in runner.discover()}
 
 
-# Not yet in CI: on 2 shared cores notebooks 01, 04 and 05 take about 9-10 minutes each of the paper dry run (SFM's
-# 28 U-Net trainings and 126 evaluations per dataset; EDSR strength curves; WRN-28-20 in ARN's Table 5, 17.6 GB RSS),
-# and 02, 03, 06-09 fail where an untrained model classifies too few fixture images correctly (IDFR's FR pool,
-# RegionSparse's calibration set).
+# CI runs these (.ci/run sets ADV_DRY_RUN_TESTS=1); on 2 cores they take most of CI's time, so a local
+# ./run_tests.sh leaves them out unless asked. The timeout covers the module fixture's whole run.
 END_TO_END = pytest.mark.skipif(os.environ.get("ADV_DRY_RUN_TESTS") != "1",
-                                reason="end-to-end dry runs exceed CI's budget so far; ADV_DRY_RUN_TESTS=1 runs them")
+                                reason="end-to-end dry runs of every notebook (CI sets ADV_DRY_RUN_TESTS=1)")
 
 
 @END_TO_END
+@pytest.mark.timeout(3600)
 @pytest.mark.notebook
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["paper_dry_run", "quick_dry_run"])
@@ -200,6 +241,7 @@ def test_every_paper_table_has_a_producing_notebook_or_a_skip_reason():
 
 
 @END_TO_END
+@pytest.mark.timeout(3600)
 @pytest.mark.notebook
 @pytest.mark.slow
 def test_paper_dry_run_writes_every_paper_table_it_is_mapped_to(paper_dry_run):

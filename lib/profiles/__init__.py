@@ -36,12 +36,12 @@ def load_profile(name: str, overrides: Mapping[str, Any] | None = None) -> dict[
 # --------------------------------------------------------------------------- dry runs
 
 DRY_RUN_SUFFIX = "-dry-run"
-DRY_RUN_TRAIN = 32     # images in every training subset (room for a validation split held out of it)
-DRY_RUN_SIZE = 16      # images in every other subset a dry run loads
+DRY_RUN_TRAIN = 16     # images in every training subset (room for a validation split held out of it)
+DRY_RUN_SIZE = 8       # images in every other subset a dry run loads
 DRY_RUN_FEW = 2        # figure rows, examples, step counts, EOT draws, sweep entries
 
 # One rule per kind of setting, matched on the setting's key (first match wins); every other value is kept, so a
-# dry run has the profile's datasets, architectures, image sizes, attacks (with their own eps) and code paths.
+# dry run has the profile's datasets, architectures, image sizes, kinds of attack (with their own eps) and code paths.
 # AutoAttack's parameter sets (the mappings with a `version`) also get n_iter and n_queries = DRY_RUN_FEW.
 #   key pattern                                                  -> dry-run value
 _DRY_RUN_RULES: tuple[tuple[str, str], ...] = (
@@ -56,6 +56,7 @@ _DRY_RUN_RULES: tuple[tuple[str, str], ...] = (
     (r"restarts|n_restarts",                                     "one"),
     (r".*samples|.*_draws",                                      "few"),       # EOT draws (a list: 1, 2)
     (r"sweep_.*|candidates|seeds",                               "first_few"), # selections trained per entry
+    (r".*attacks",                                               "per_kind"),  # first entry of each kind of attack
 )
 
 
@@ -82,11 +83,12 @@ def dry_run_banner(profile_name: str) -> str:
 def dry_run(profile: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `profile` capped to a minimum, as PyTorch Lightning's fast_dev_run: every training subset
     DRY_RUN_TRAIN images and every other DRY_RUN_SIZE, every epoch count 1, every step, iteration, EOT and figure
-    count at most DRY_RUN_FEW, every sweep its first DRY_RUN_FEW entries (rules in _DRY_RUN_RULES, by key); AutoAttack
-    DRY_RUN_FEW iterations and queries. Everything else is kept (eps grids too: they are attacks), so the dry run
-    exercises the profile's datasets, models and code paths in minutes. Values keep their types (None, meaning
-    "all", becomes an int). Trained models are cached under their configuration, which the caps change (subset
-    digests, epochs), so a dry run never writes an entry a full run would load."""
+    count at most DRY_RUN_FEW, every sweep its first DRY_RUN_FEW entries, every attack list one entry per kind of
+    attack (rules in _DRY_RUN_RULES, by key); AutoAttack DRY_RUN_FEW iterations and queries. Everything else is
+    kept (eps grids of curves too), so the dry run exercises the profile's datasets, models and code paths in
+    minutes. Values keep their types (None, meaning "all", becomes an int). Trained models are cached under their
+    configuration, which the caps change (subset digests, epochs), so a dry run never writes an entry a full run
+    would load."""
     if is_dry_run(profile):
         return copy.deepcopy(dict(profile))
     capped = _cap(copy.deepcopy(dict(profile)), None)
@@ -102,6 +104,13 @@ def _rule(key: str | None) -> str:
     return next((rule for pattern, rule in _DRY_RUN_RULES if re.fullmatch(pattern, key)), "keep")
 
 
+def _one_per_kind(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first attack entry of each kind (attack, norm and parameter names): the others differ only in values
+    (budgets, step sizes), a sweep whose code path the first entry already runs."""
+    kinds = [(e["name"], e.get("norm"), tuple(sorted(e.get("params") or {}))) for e in entries]
+    return [e for i, e in enumerate(entries) if kinds[i] not in kinds[:i]]
+
+
 def _cap(node: Any, key: str | None) -> Any:
     """`node` (the value of setting `key`) with its dry-run rule applied, recursively for sections and lists."""
     rule = _rule(key)
@@ -112,6 +121,8 @@ def _cap(node: Any, key: str | None) -> Any:
     if isinstance(node, list):
         if rule == "first_few":
             node = node[:DRY_RUN_FEW]
+        if rule == "per_kind" and all(isinstance(v, dict) and "name" in v for v in node):
+            node = _one_per_kind(node)
         if rule == "few" and all(isinstance(v, int) and not isinstance(v, bool) for v in node):
             return [min(v, rank) for rank, v in enumerate(node[:DRY_RUN_FEW], 1)]  # increasing, like the original
         return [_cap(v, key if isinstance(v, (dict, list)) else None) for v in node]
