@@ -55,32 +55,29 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def timeout() -> timedelta:
-    """How long a collective waits for the other ranks (ADV_DIST_TIMEOUT_S, default 30 min)."""
-    return timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
-
-
-def init_from_env(backend: str | None = None) -> bool:
+def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> bool:
     """Join the job that torchrun (or lib.runner) describes in the environment, once; False when there is none
-    (WORLD_SIZE unset or 1). `backend` defaults to NCCL when CUDA is present (device = LOCAL_RANK), else gloo."""
+    (WORLD_SIZE unset or 1). `backend` defaults to NCCL when CUDA is present (device = LOCAL_RANK), else gloo;
+    collectives wait `timeout_s` (default ADV_DIST_TIMEOUT_S, else 30 min) for the other ranks."""
     global _objects
     if active():
         return True
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world < 2:
         return False
+    wait = timedelta(seconds=timeout_s or float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     prefix = os.environ.get(PREFIX_ENV)
     if prefix:   # a notebook kernel: a fresh namespace in the store its launcher already serves
         store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=timeout())
+                              timeout=wait)
         dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=env_rank(), world_size=world,
-                                timeout=timeout())
+                                timeout=wait)
     else:
-        dist.init_process_group(backend, init_method="env://", timeout=timeout())
-    _objects = dist.new_group(backend="gloo", timeout=timeout()) if backend != "gloo" else None
+        dist.init_process_group(backend, init_method="env://", timeout=wait)
+    _objects = dist.new_group(backend="gloo", timeout=wait) if backend != "gloo" else None
     return True
 
 
