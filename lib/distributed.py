@@ -8,7 +8,8 @@ each notebook is a fresh process group. Outside a job every function here is the
 1, the whole index range, gathers that return the local part.
 
 Collectives wait at most ADV_DIST_TIMEOUT_S seconds (default 1800): a rank that dies then ends the others' waits with
-an error instead of a hang (with gloo a dead peer is noticed at once). Objects (gathers, broadcasts) always travel
+an error instead of a hang (with gloo a dead peer is noticed at once), a `RankFailure`, which tells the launcher
+(lib.runner) that this rank failed because another one did. Objects (gathers, broadcasts) always travel
 over gloo on the CPU, so an NCCL job does not stage pickles on its GPUs; every gather returns to every rank, so that
 all ranks go on with the same results and reach the same collectives.
 """
@@ -27,6 +28,10 @@ PREFIX_ENV = "ADV_DIST_PREFIX"
 DEFAULT_TIMEOUT_S = 1800.0
 
 T = TypeVar("T")
+
+
+class RankFailure(RuntimeError):
+    """A collective could not complete: another rank of the job died, failed or did not answer in time."""
 _objects: Any = None   # the gloo group that carries objects in an NCCL job (None: the default group)
 
 
@@ -93,7 +98,8 @@ def all_gather(obj: T) -> list[T]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world_size()
-    dist.all_gather_object(out, obj, group=_objects)
+    with _collective("all_gather"):
+        dist.all_gather_object(out, obj, group=_objects)
     return out
 
 
@@ -117,7 +123,8 @@ def from_main(fn: Callable[[], T]) -> T:
             box[0] = (True, fn())
         except Exception as exc:   # every rank must reach the broadcast, then fail alike
             box[0] = (False, exc)
-    dist.broadcast_object_list(box, src=0, group=_objects)
+    with _collective("broadcast from rank 0"):
+        dist.broadcast_object_list(box, src=0, group=_objects)
     ok, value = box[0]
     if not ok:
         raise value
@@ -127,21 +134,24 @@ def from_main(fn: Callable[[], T]) -> T:
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over the ranks, in place (on the job's device: CUDA under NCCL); unchanged outside a job."""
     if active():
-        dist.all_reduce(tensor)
+        with _collective("all_reduce"):
+            dist.all_reduce(tensor)
     return tensor
 
 
 def broadcast_(tensor: torch.Tensor) -> torch.Tensor:
     """Overwrite `tensor` with rank 0's, in place; unchanged outside a job."""
     if active():
-        dist.broadcast(tensor, src=0)
+        with _collective("broadcast from rank 0"):
+            dist.broadcast(tensor, src=0)
     return tensor
 
 
 def barrier() -> None:
     """Wait until every rank gets here (nothing outside a job)."""
     if active():
-        dist.barrier(group=_objects)
+        with _collective("barrier"):
+            dist.barrier(group=_objects)
 
 
 @contextlib.contextmanager
@@ -154,3 +164,14 @@ def main_first() -> Iterator[None]:
     finally:
         if is_main():
             barrier()
+
+
+@contextlib.contextmanager
+def _collective(what: str) -> Iterator[None]:
+    """Turn the failure of a collective (torch.distributed raises RuntimeErrors) into a RankFailure naming this rank."""
+    try:
+        yield
+    except RuntimeError as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise RankFailure(f"rank {rank()} of {world_size()}: {what} failed, another rank died, failed or did not answer "
+                          f"in time ({type(exc).__name__}: {detail})") from exc

@@ -160,7 +160,8 @@ def run_notebook(book: Path, profile: str, run_id: str | None = None, timeout_s:
         record["error"] = f"stopped after the profile's notebook_timeout_s = {timeout_s:g} s"
     except Exception as exc:  # papermill wraps cell errors; report and continue with the next notebook
         record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {_first_line(getattr(exc, 'evalue', None) or str(exc))}"
+        name = getattr(exc, "ename", None) or type(exc).__name__   # a cell's error by its own name
+        record["error"] = f"{name}: {_first_line(getattr(exc, 'evalue', None) or str(exc))}"
     record["seconds"] = round(time.perf_counter() - t0, 1)
     record["rank"], record["ended"] = distributed.rank(), time.time()
     record["skipped"] = read_skips(out_dir)
@@ -186,14 +187,16 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 
 def merged_record(records: list[dict]) -> dict:
     """One notebook's record over the ranks of a job (in rank order): rank 0's, but failed when it failed on any rank,
-    with an error that names the rank that failed first and the error of each rank that failed."""
-    failed = sorted((r for r in records if r["status"] != "ok"), key=lambda r: r["ended"])
+    with an error that names the rank that failed first, then the other ranks' errors. A rank that failed because
+    another one did (a lib.distributed.RankFailure) is named first only when no other rank failed otherwise."""
+    failed = sorted((r for r in records if r["status"] != "ok"),
+                    key=lambda r: (r["error"].startswith(distributed.RankFailure.__name__), r["ended"]))
     if not failed:
         return records[0]
-    first, n = failed[0], len(records)
+    first = failed[0]
     then = "".join(f"; then rank {r['rank']}: {r['error']}" for r in failed[1:])
-    return {**records[0], "status": first["status"], "error": f"rank {first['rank']} of {n} failed first: "
-                                                              f"{first['error']}{then}"}
+    return {**records[0], "status": first["status"],
+            "error": f"rank {first['rank']} of {len(records)} failed first: {first['error']}{then}"}
 
 
 def _first_line(text: str) -> str:
