@@ -339,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(json.dumps({**manifest(profile), "run_id": run_id, "notebooks": records}, indent=2),
                       out / "manifest.json")
     say(f"summary: {out / 'SUMMARY.md'}")
-    if in_job:   # the other ranks wait until rank 0 has written, then drop their scratch copies
-        with contextlib.suppress(Exception):   # a rank that is gone cannot wait
-            distributed.barrier()
+    if in_job:   # the other ranks drop their scratch copies; rank 0 alone reports the run by its exit status
         if not distributed.is_main():
             shutil.rmtree(results_root(), ignore_errors=True)
+        with contextlib.suppress(distributed.RankFailure):   # torchrun stops the others when rank 0 exits non-zero
+            distributed.barrier()
+        if not distributed.is_main():
+            return 0
     if any(r["status"] == "interrupted" for r in records):
         return INTERRUPTED_EXIT
     return 1 if any(r["status"] != "ok" for r in records) else 0
@@ -351,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def relaunch(nproc: int, profile: str, only: str | None, run_id: str) -> int:
     """Run the series as `torchrun --standalone --nproc_per_node nproc -m lib.runner ...`, one runner per rank, and
-    return torchrun's exit status (non-zero when any rank failed; torchrun then names it). SIGTERM is passed on."""
+    return torchrun's exit status: rank 0's, unless a runner process died (torchrun then names its rank). SIGTERM is
+    passed on."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "lib.runner", "--profile", profile, "--run-id", run_id, *(["--only", only] if only else [])]
     with subprocess.Popen(cmd, cwd=REPO_ROOT) as job:

@@ -125,17 +125,19 @@ def test_a_killed_rank_is_named_and_the_rerun_resumes_from_its_cached_chunks(tmp
     env = _env(ADV_NOTEBOOKS_DIR=str(books), ADV_RESULTS_DIR=str(tmp_path / "results"),
                ADV_CACHE_DIR=str(tmp_path / "cache"), ADV_DIST_TIMEOUT_S="120")
 
-    def run_series(**extra: str) -> tuple[int, str]:
-        done = subprocess.run([sys.executable, "-m", "lib.runner", "--profile", "smoke", "--nproc", "2"], cwd=REPO,
-                              env={**env, **extra}, capture_output=True, text=True, timeout=300)
+    def run_series(*launch: str, **extra: str) -> tuple[int, str]:
+        done = subprocess.run([sys.executable, *launch], cwd=REPO, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=300)
         summary = tmp_path / "results" / "smoke" / "SUMMARY.md"
         return done.returncode, summary.read_text() if summary.is_file() else done.stdout + done.stderr
 
-    code, summary = run_series(KILL_RANK="1")
+    # launched as on several machines (torchrun around the runner), then as ./run_all.sh --nproc 2 launches it
+    code, summary = run_series("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "lib.runner", "--profile", "smoke", KILL_RANK="1")
     assert code != 0 and "| 01_shards | failed |" in summary, summary
     assert "rank 1 of 2 failed first: DeadKernelError" in summary        # the dead rank, not the one it stranded
     assert "then rank 0: RankFailure" in summary
-    code, summary = run_series()
+    code, summary = run_series("-m", "lib.runner", "--profile", "smoke", "--nproc", "2")
     assert code == 0 and "| 01_shards | ok |" in summary, summary
     calls = json.loads((tmp_path / "results" / "smoke" / "01_shards" / "tables" / "calls.json").read_text())
     assert calls == [0, 3]   # rank 0's 4 chunks and rank 1's first were cached: only rank 1's last 3 are crafted
