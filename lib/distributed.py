@@ -11,7 +11,8 @@ Collectives wait at most ADV_DIST_TIMEOUT_S seconds (default 1800): a rank that 
 an error instead of a hang (with gloo a dead peer is noticed at once), a `RankFailure`, which tells the launcher
 (lib.runner) that this rank failed because another one did. Objects (gathers, broadcasts) always travel
 over gloo on the CPU, so an NCCL job does not stage pickles on its GPUs; every gather returns to every rank, so that
-all ranks go on with the same results and reach the same collectives.
+all ranks go on with the same results and reach the same collectives. Every rank must call the same collectives in
+the same order: none may run inside one rank's own share of the work.
 """
 from __future__ import annotations
 

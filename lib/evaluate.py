@@ -268,7 +268,7 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
         if flags and case.route.key not in printed:
             printed.add(case.route.key)
             print(f"AutoAttack flags ({case.route.threat} box, {case.defense}, {case.spec.title}): {flags}")
-        linf, l2 = (torch.tensor(frame[c].to_numpy()) for c in ("linf", "l2"))   # reduced as torch did per set
+        linf, l2 = (torch.tensor(frame[column].to_numpy()) for column in ("linf", "l2"))   # reduced as torch did
         rows.append({**case.outcome, "n": len(frame),
                      "clean_acc": 100.0 * float(torch.tensor(frame["clean_correct"].to_numpy()).float().mean()),
                      "robust_acc": 100.0 * float(torch.tensor(frame["correct"].to_numpy()).float().mean()),
@@ -295,11 +295,12 @@ def _chunk_outcomes(cases: Sequence["_Case"], defended: Mapping[str, "_Defended"
     for case in cases:
         route, spec, d = case.route, case.spec, defended[case.defense]
         if route.key not in crafted:
-            crafted[route.key] = _crafted(route.spec, route.model, x, y, inputs=inputs,
-                                          batch_size=batch_size if route.owner[0] == "transfer" else d.batch,
-                                          model_key=digests.get(id(route.model)) if route.cacheable else None)
+            x_adv, seconds, flags = _crafted(route.spec, route.model, x, y, inputs=inputs,
+                                             batch_size=batch_size if route.owner[0] == "transfer" else d.batch,
+                                             model_key=digests.get(id(route.model)) if route.cacheable else None)
+            crafted[route.key] = x_adv.to(device), seconds, flags
         x_adv, seconds, flags = crafted[route.key]
-        x_adv = within_l2_budget(x, x_adv.to(device), spec.l2_budget)
+        x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
         with seeded_rng(_seed_of(case.defense, spec.name, dict(spec.params), case.threat, inputs), device):
             correct = predict(d.pipeline, x_adv, d.batch, device) == labels   # randomised defenses: seeded draws
         delta = (x_adv - x).flatten(1).cpu()

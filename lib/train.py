@@ -167,9 +167,9 @@ def fit(step: Step, batches: Callable[[int], Iterable[Sequence[torch.Tensor]]], 
             sums: dict[str, float] = {}
             total = 0
             for batch in batches(epoch):
-                rows = distributed.shard(len(batch[0]), strided=True)
-                if not rows:
+                if len(batch[0]) < distributed.world_size():   # some rank would have no share: all skip it
                     continue
+                rows = distributed.shard(len(batch[0]), strided=True)
                 share["weight"] = len(rows) / len(batch[0])
                 batch = [t[rows.start::rows.step].to(device, non_blocking=True) for t in batch]
                 for name, value in step(*batch).items():
