@@ -301,7 +301,7 @@ def load_dataset(name: str, split: str = "train", *, n: int | None = None, seed:
         images, labels = _load_digits(split)
     elif name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
         load = _load_idx_dataset if name in ("mnist", "fashion_mnist") else _load_torchvision
-        with distributed.main_first() if download else contextlib.nullcontext():   # one rank downloads, then the rest read
+        with distributed.main_first() if download else contextlib.nullcontext():   # one rank downloads, others read
             images, labels = load(name, split, root, download)
     else:
         paths, labels, _ = _list_folder(name, root, split)

@@ -174,5 +174,5 @@ def _collective(what: str) -> Iterator[None]:
         yield
     except RuntimeError as exc:
         detail = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise RankFailure(f"rank {rank()} of {world_size()}: {what} failed, another rank died, failed or did not answer "
-                          f"in time ({type(exc).__name__}: {detail})") from exc
+        raise RankFailure(f"rank {rank()} of {world_size()}: {what} failed, another rank died, failed or did not "
+                          f"answer in time ({type(exc).__name__}: {detail})") from exc

@@ -196,8 +196,8 @@ def _crafted(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *
     if model_key is not None:
         config = {"attack": spec.name, "params": dict(spec.params), "model": model_key, "inputs": inputs,
                   "batch": min(batch_size, len(x)), "rng": "seeded per chunk"}
-        out = cache.cached_tensors("adversarial", config, run, code=cache.source_fingerprint([attacks.ATTACKS[spec.name]]),
-                                   per_rank=True)
+        code = cache.source_fingerprint([attacks.ATTACKS[spec.name]])
+        out = cache.cached_tensors("adversarial", config, run, code=code, per_rank=True)
     else:
         out = run()
     flags = bytes(out["flags"].tolist()).decode() if "flags" in out else ""

@@ -152,7 +152,7 @@ def run_notebook(book: Path, profile: str, run_id: str | None = None, timeout_s:
     env = {RUN_ID_ENV: run_id, **({distributed.PREFIX_ENV: f"{run_id}/{book.stem}"} if distributed.active() else {})}
     try:
         with _environment(env):   # inherited by the kernel papermill starts
-                pm.execute_notebook(str(book), str(out_dir / book.name), parameters={"profile": profile},
+            pm.execute_notebook(str(book), str(out_dir / book.name), parameters={"profile": profile},
                                 cwd=str(book.parent), progress_bar=False, kernel_name="python3",
                                 kernel_manager_class=LocalKernelManager, timeout_func=cell_timeout)
     except CellTimeoutError:

@@ -39,7 +39,7 @@ def smoke_outcomes(classifier: nn.Module) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def parallel_steps() -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """Two epochs of plain SGD on 15 examples in batches of 8 (shares of 4 + 4, then 4 + 3 rows): weights and history."""
+    """Two epochs of plain SGD on 15 examples in batches of 8 (shares 4 + 4, then 4 + 3 rows): weights, history."""
     from lib.train import fit, tensor_batches
 
     torch.manual_seed(0)

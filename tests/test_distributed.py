@@ -143,4 +143,5 @@ def test_a_killed_rank_is_named_and_the_rerun_resumes_from_its_cached_chunks(tmp
     assert calls == [0, 3]   # rank 0's 4 chunks and rank 1's first were cached: only rank 1's last 3 are crafted
     assert [p.name for p in (tmp_path / "results" / "smoke" / "01_shards").glob("*.ipynb")] == ["01_shards.ipynb"]
     manifest = json.loads((tmp_path / "results" / "smoke" / "manifest.json").read_text())
-    assert manifest["processes"] == 2 and runner.read_status(tmp_path / "results" / "smoke" / "01_shards")["status"] == "ok"
+    assert manifest["processes"] == 2
+    assert runner.read_status(tmp_path / "results" / "smoke" / "01_shards")["status"] == "ok"
