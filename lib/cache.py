@@ -5,6 +5,8 @@ written atomically (a uniquely named temporary file + os.replace) so an interrup
 half-written entry, stored with a digest of their content, and read back with torch.load(weights_only=True).
 An entry that cannot be read, fails its digest or holds non-finite numbers is named in a warning, moved
 aside (<name>.corrupt) and recomputed; temporary files orphaned by a killed run are removed by the next one.
+In a distributed job (lib.distributed) a shared entry is looked up and written by rank 0 alone, and what it read is
+sent to the other ranks; work sharded over the ranks caches each rank's own part (`per_rank`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from lib import distributed
 from lib.data import REPO_ROOT
 
 
@@ -189,12 +192,17 @@ def remove_orphans(folder: Path, older_than: float = ORPHAN_SECONDS) -> list[Pat
 
 
 def cached_tensors(namespace: str, config: Any, compute: Callable[[], dict[str, torch.Tensor]],
-                   code: str = "") -> dict[str, torch.Tensor]:
-    """Return compute()'s tensors, computing them only when no valid entry exists for (config, code)."""
+                   code: str = "", *, per_rank: bool = False) -> dict[str, torch.Tensor]:
+    """Return compute()'s tensors, computing them only when no valid entry exists for (config, code).
+
+    In a distributed job every rank calls it alike: rank 0 looks the entry up and sends it to the others, or all
+    compute (compute may hold collectives) and rank 0 writes. `per_rank`: this rank's own part of sharded work (e.g.
+    one chunk of an adversarial set), looked up, computed and written by this rank alone."""
     path = cache_root() / namespace / f"{config_key(config, code)}.pt"
-    entry = load_or_none(path)
+    entry = load_or_none(path) if per_rank else distributed.from_main(lambda: load_or_none(path))
     if entry is not None:
         return entry
     result = compute()
-    atomic_save({k: v.detach().cpu() for k, v in result.items()}, path)
+    if per_rank or distributed.is_main():
+        atomic_save({k: v.detach().cpu() for k, v in result.items()}, path)
     return result

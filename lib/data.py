@@ -7,6 +7,7 @@ Tiny-ImageNet and ImageNet from folders the user provides. A dataset that cannot
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from lib import distributed
 from lib.validate import check_positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -297,10 +299,10 @@ def load_dataset(name: str, split: str = "train", *, n: int | None = None, seed:
     download = downloads_allowed() if download is None else download
     if name == "digits":
         images, labels = _load_digits(split)
-    elif name in ("mnist", "fashion_mnist"):
-        images, labels = _load_idx_dataset(name, split, root, download)
-    elif name in ("cifar10", "cifar100", "svhn"):
-        images, labels = _load_torchvision(name, split, root, download)
+    elif name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
+        load = _load_idx_dataset if name in ("mnist", "fashion_mnist") else _load_torchvision
+        with distributed.main_first() if download else contextlib.nullcontext():   # one rank downloads, others read
+            images, labels = load(name, split, root, download)
     else:
         paths, labels, _ = _list_folder(name, root, split)
         if n is not None:

@@ -14,16 +14,16 @@ import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import pandas as pd
 import torch
 from torch import nn
 
-from lib import cache
+from lib import cache, distributed
 from lib.defenses.base import Defense, Defended
 from lib.runtime import get_device, seeded_rng
-from lib.validate import check_images, check_labels
+from lib.validate import check_images, check_labels, check_positive_int
 
 THREATS = ("black", "gray", "white")   # white also reports "white-identity" (identity BPDA) where it applies
 Model = Callable[[torch.Tensor], torch.Tensor]
@@ -148,21 +148,36 @@ def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Te
                     use_cache: bool = True) -> tuple[torch.Tensor, float]:
     """Run one attack on `model`; returns (x_adv on x's device, seconds spent).
 
-    The attack's randomness is seeded from (attack, parameters, inputs), so a result is the same whether
-    or not anything ran or was cached before it. When `model` is an nn.Module the result is cached under
-    (attack, parameters, weights, inputs, attack code); a cached set reports the seconds of the run that produced it.
+    The set is crafted in chunks of `batch_size` images, each seeded from (attack, parameters, its own images), so a
+    result is the same whether or not anything ran or was cached before it, and however the chunks are shared out.
+    When `model` is an nn.Module each chunk is cached under (attack, parameters, weights, its images, attack code); a
+    cached chunk reports the seconds of the run that produced it. In a distributed job each rank crafts its share of
+    the chunks (lib.distributed.shard) and every rank receives the whole set, as a single process would craft it.
     """
-    x_adv, seconds, _ = _crafted(spec, model, x, y, batch_size=batch_size, use_cache=use_cache)
-    return x_adv, seconds
+    model_key = model_digest(model) if use_cache and isinstance(model, nn.Module) else None
+    bounds = _chunks(len(x), batch_size)
+    mine = {i: _crafted(spec, model, x[lo:hi], y[lo:hi], batch_size=batch_size, model_key=model_key)
+            for i in distributed.shard(len(bounds)) for lo, hi in [bounds[i]]}
+    parts = distributed.gather_parts(mine)
+    return torch.cat([p[0] for p in parts]).to(x.device), sum(p[1] for p in parts)
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of the consecutive chunks of `size` images (the last one shorter) of a set of n images: the unit
+    that is seeded, cached and shared out to the ranks."""
+    check_positive_int(size, "batch_size")
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
 
 
 def _crafted(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-             use_cache: bool) -> tuple[torch.Tensor, float, str]:
-    """adversarial_set, plus the AutoAttack checks that failed while crafting ('; '-joined, kept in the cache)."""
+             model_key: str | None, inputs: str | None = None) -> tuple[torch.Tensor, float, str]:
+    """One chunk's adversarial examples (on the CPU), seconds and AutoAttack's failed checks ('; '-joined): the attack
+    run over the chunk in batches of `batch_size`, seeded from (attack, parameters, the chunk's digest `inputs`), and
+    cached per rank under `model_key` (the weights' digest; None: not cached)."""
     from lib import attacks
     from lib.attacks.autoattack import AutoAttackWarning
 
-    inputs = cache.tensor_digest(x, y)
+    inputs = inputs or cache.tensor_digest(x, y)
 
     def run() -> dict[str, torch.Tensor]:
         t0 = time.perf_counter()
@@ -178,14 +193,15 @@ def _crafted(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *
         return {"x_adv": x_adv, "seconds": torch.tensor(time.perf_counter() - t0),
                 "flags": torch.tensor(list(text), dtype=torch.uint8)}
 
-    if use_cache and isinstance(model, nn.Module):
-        config = {"attack": spec.name, "params": dict(spec.params), "model": model_digest(model),
-                  "inputs": inputs, "rng": "seeded per attack and inputs"}
-        out = cache.cached_tensors("adversarial", config, run, code=cache.source_fingerprint([attacks.ATTACKS[spec.name]]))
+    if model_key is not None:
+        config = {"attack": spec.name, "params": dict(spec.params), "model": model_key, "inputs": inputs,
+                  "batch": min(batch_size, len(x)), "rng": "seeded per chunk"}
+        code = cache.source_fingerprint([attacks.ATTACKS[spec.name]])
+        out = cache.cached_tensors("adversarial", config, run, code=code, per_rank=True)
     else:
         out = run()
     flags = bytes(out["flags"].tolist()).decode() if "flags" in out else ""
-    return out["x_adv"].to(x.device), float(out["seconds"]), flags
+    return out["x_adv"].cpu(), float(out["seconds"]), flags
 
 
 def evaluate_threats(*args: Any, **kwargs: Any) -> pd.DataFrame:
@@ -208,11 +224,14 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
     AutoAttack's `rand` version, with EOT over `eot_samples` draws, instead of the profile's version.
     AutoAttack's failed checks are printed and kept in the `flags` column. Attacks and predictions run in batches of
     `batch_size` images; those that go through a defense, of at most its `max_batch` (lib.evaluate.stream_size).
+    The test set is evaluated in chunks of `batch_size` images, each seeded from its own images: in a distributed job
+    each rank evaluates its share of the chunks and every rank receives all outcomes, identical image for image to a
+    single-process run.
 
     Returns (rows, examples). rows: one row per (threat, defense, attack) with the attack's `eps` and `norm`
-    (its threat model), clean and robust accuracy (%), mean perturbation norms, seconds, gradient route and flags.
-    examples: one row per test image of each of them: `example` (its position in x), `correct` (still classified
-    correctly), `clean_correct`, and its perturbation's `linf` and `l2` norms.
+    (its threat model), clean and robust accuracy (%), mean perturbation norms, seconds (of every chunk's attack run),
+    gradient route and flags. examples: one row per test image of each of them: `example` (its position in x),
+    `correct` (still classified correctly), `clean_correct`, and its perturbation's `linf` and `l2` norms.
     """
     unknown = set(threats) - set(THREATS)
     if unknown:
@@ -225,41 +244,71 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
     x, y = x.to(device), y.to(device)
     classifier.to(device)
     gray_box_models = dict(gray_box_models or {})
-    pipelines = {name: Defended(classifier, d.to(device)).eval() for name, d in defenses.items()}
-    batches = {name: stream_size(d, batch_size) for name, d in defenses.items()}   # each defense's bound
-    clean = {}
-    for name, pipeline in pipelines.items():
-        with seeded_rng(_seed_of(name, "clean"), device):
-            clean[name] = (predict(pipeline, x, batches[name], device) == y.cpu())
-
+    defended = {name: _Defended(Defended(classifier, d.to(device)).eval(), stream_size(d, batch_size))
+                for name, d in defenses.items()}   # each defense's pipeline and batch bound
+    cases = [_Case(threat, spec, name, route) for threat in threats for spec in attacks
+             for name, defense in defenses.items()
+             for route in _routes(threat, spec, name, defense, classifier, surrogate, gray_box_models, eot_samples,
+                                  use_cache)]
+    digests: dict[int, str] = {}   # one weight digest per disk-cached attacked model
+    for case in cases:
+        if case.route.cacheable and isinstance(case.route.model, nn.Module) and id(case.route.model) not in digests:
+            digests[id(case.route.model)] = model_digest(case.route.model)
+    bounds = _chunks(len(x), batch_size)
+    parts = distributed.gather_parts({i: _chunk_outcomes(cases, defended, x[lo:hi], y[lo:hi], lo, batch_size, device,
+                                                         digests)
+                                      for i in distributed.shard(len(bounds)) for lo, hi in [bounds[i]]})
     rows: list[dict[str, Any]] = []
     examples: list[pd.DataFrame] = []
-    crafted: dict[tuple, tuple[torch.Tensor, float, str]] = {}   # one run per (attacked model, attack, parameters)
-    for threat in threats:
-        for spec in attacks:
-            for name, defense in defenses.items():
-                for route in _routes(threat, spec, name, defense, classifier, surrogate, gray_box_models,
-                                     eot_samples, use_cache):
-                    key = (*route.owner, route.spec.name, repr(sorted(route.spec.params.items())))
-                    if key not in crafted:
-                        crafted[key] = _crafted(route.spec, route.model, x, y, use_cache=route.cacheable,
-                                                batch_size=batch_size if route.owner[0] == "transfer" else batches[name])
-                        if crafted[key][2]:
-                            print(f"AutoAttack flags ({route.threat} box, {name}, {spec.title}): {crafted[key][2]}")
-                    x_adv, seconds, flags = crafted[key]
-                    x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
-                    with seeded_rng(_seed_of(name, spec.name, dict(spec.params), threat), device):   # randomised defenses
-                        correct = predict(pipelines[name], x_adv, batches[name], device) == y.cpu()
-                    delta = (x_adv - x).flatten(1).cpu()
-                    outcome = {"threat": route.threat, "defense": name, "attack": spec.title, "eps": spec.eps,
-                               "norm": spec.norm}
-                    rows.append({**outcome, "n": len(y), "clean_acc": 100.0 * float(clean[name].float().mean()),
-                                 "robust_acc": 100.0 * float(correct.float().mean()), **perturbation_norms(x, x_adv),
-                                 "attack_seconds": seconds, "gradient": route.gradient, "flags": flags})
-                    examples.append(pd.DataFrame({**outcome, "example": range(len(y)), "correct": correct.numpy(),
-                                                  "clean_correct": clean[name].numpy(),
-                                                  "linf": delta.abs().amax(1).numpy(), "l2": delta.norm(dim=1).numpy()}))
+    printed: set[tuple] = set()
+    for c, case in enumerate(cases):
+        frame = pd.concat([part[0][c] for part in parts], ignore_index=True)
+        seconds = sum(part[1][c][0] for part in parts)
+        flags = "; ".join(dict.fromkeys(f for part in parts for f in part[1][c][1].split("; ") if f))
+        if flags and case.route.key not in printed:
+            printed.add(case.route.key)
+            print(f"AutoAttack flags ({case.route.threat} box, {case.defense}, {case.spec.title}): {flags}")
+        linf, l2 = (torch.tensor(frame[column].to_numpy()) for column in ("linf", "l2"))   # reduced as torch did
+        rows.append({**case.outcome, "n": len(frame),
+                     "clean_acc": 100.0 * float(torch.tensor(frame["clean_correct"].to_numpy()).float().mean()),
+                     "robust_acc": 100.0 * float(torch.tensor(frame["correct"].to_numpy()).float().mean()),
+                     "linf_mean": float(linf.mean()), "l2_mean": float(l2.mean()), "l2_median": float(l2.median()),
+                     "attack_seconds": seconds, "gradient": case.route.gradient, "flags": flags})
+        examples.append(frame)
     return pd.DataFrame(rows), (pd.concat(examples, ignore_index=True) if examples else pd.DataFrame())
+
+
+def _chunk_outcomes(cases: Sequence["_Case"], defended: Mapping[str, "_Defended"], x: torch.Tensor, y: torch.Tensor,
+                    offset: int, batch_size: int, device: torch.device, digests: Mapping[int, str]
+                    ) -> tuple[list[pd.DataFrame], list[tuple[float, str]]]:
+    """Every case's per-example outcomes on one chunk (the images offset, offset + 1, ... of the test set), and each
+    case's attack seconds and flags. All randomness (attacks, randomised defenses) is seeded from the chunk's own
+    images, so a chunk's outcomes do not depend on which rank, run or chunk order computes them."""
+    inputs = cache.tensor_digest(x, y)
+    labels = y.cpu()
+    clean = {}
+    for name, d in defended.items():
+        with seeded_rng(_seed_of(name, "clean", inputs), device):
+            clean[name] = predict(d.pipeline, x, d.batch, device) == labels
+    crafted: dict[tuple, tuple[torch.Tensor, float, str]] = {}   # one run per (attacked model, attack, parameters)
+    frames, runs = [], []
+    for case in cases:
+        route, spec, d = case.route, case.spec, defended[case.defense]
+        if route.key not in crafted:
+            x_adv, seconds, flags = _crafted(route.spec, route.model, x, y, inputs=inputs,
+                                             batch_size=batch_size if route.owner[0] == "transfer" else d.batch,
+                                             model_key=digests.get(id(route.model)) if route.cacheable else None)
+            crafted[route.key] = x_adv.to(device), seconds, flags
+        x_adv, seconds, flags = crafted[route.key]
+        x_adv = within_l2_budget(x, x_adv, spec.l2_budget)
+        with seeded_rng(_seed_of(case.defense, spec.name, dict(spec.params), case.threat, inputs), device):
+            correct = predict(d.pipeline, x_adv, d.batch, device) == labels   # randomised defenses: seeded draws
+        delta = (x_adv - x).flatten(1).cpu()
+        frames.append(pd.DataFrame({**case.outcome, "example": range(offset, offset + len(y)),
+                                    "correct": correct.numpy(), "clean_correct": clean[case.defense].numpy(),
+                                    "linf": delta.abs().amax(1).numpy(), "l2": delta.norm(dim=1).numpy()}))
+        runs.append((seconds, flags))
+    return frames, runs
 
 
 def ensemble_accuracy(examples: pd.DataFrame, by: Sequence[str] = ("defense", "threat")) -> pd.Series:
@@ -280,6 +329,34 @@ class _Route:
     gradient: str
     cacheable: bool
     owner: tuple
+
+    @property
+    def key(self) -> tuple:
+        """What identifies one attack run, shared by every case that needs it (within one process)."""
+        return (*self.owner, self.spec.name, repr(sorted(self.spec.params.items())))
+
+
+@dataclass(frozen=True)
+class _Case:
+    """One outcome of threat_outcomes: the threat model asked for, the attack, the defense and how it is attacked."""
+
+    threat: str
+    spec: AttackSpec
+    defense: str
+    route: _Route
+
+    @property
+    def outcome(self) -> dict[str, Any]:
+        """The columns that name this outcome in rows and examples alike."""
+        return {"threat": self.route.threat, "defense": self.defense, "attack": self.spec.title, "eps": self.spec.eps,
+                "norm": self.spec.norm}
+
+
+class _Defended(NamedTuple):
+    """A defended classifier as evaluated: its pipeline and the batch bound of its defense."""
+
+    pipeline: nn.Module
+    batch: int
 
 
 def _routes(threat: str, spec: AttackSpec, name: str, defense: Defense, classifier: nn.Module,

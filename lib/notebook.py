@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 
-from lib import memory, report
+from lib import distributed, memory, report
 from lib.data import DatasetUnavailable
 from lib.defenses.base import NotBuiltForDataset
 from lib.profiles import dry_run_banner, is_dry_run, load_profile, notebook_config, notebook_profile
@@ -67,8 +67,10 @@ def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = Non
     (lib.profiles.notebook_profile: its `dataset_settings` applied), its section for `notebook`, the results
     folder (results/<profile>/<notebook>, or `out`, e.g. for an own defense evaluated as notebook 09; skips of an
     earlier run forgotten), the device and thread count, and seed everything; prints one line saying so (and a
-    second marking a dry run as no results). From then on the kernel's peak memory is written to the results
+    second marking a dry run as no results). Under torchrun or `run_all.sh --nproc N` it joins the distributed job
+    first (lib.distributed), so that lib's evaluations and trainings share their work over the ranks. From then on the kernel's peak memory is written to the results
     folder after every cell (lib.memory.watch) for the run summary."""
+    in_job = distributed.init_from_env()
     loaded = notebook_profile(load_profile(profile, overrides), notebook)
     out = report.results_dir(profile, notebook) if out is None else report.make_results_dir(out)
     report.reset_skips(out)
@@ -77,7 +79,8 @@ def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = Non
     seed_everything(loaded["seed"])
     run = Run(loaded, notebook, notebook_config(loaded, notebook), out, get_device())
     memory.watch(out, run.device)   # peak memory after every cell -> out/memory.json, for the run summary
-    print(f"profile={profile}  device={run.device}  threads={torch.get_num_threads()}  results -> {out}")
+    rank = f"  rank {distributed.rank()} of {distributed.world_size()}" if in_job else ""
+    print(f"profile={profile}  device={run.device}  threads={torch.get_num_threads()}{rank}  results -> {out}")
     if is_dry_run(loaded):
         print(dry_run_banner(profile))
     return run

@@ -5,15 +5,18 @@ difference (lib.reference.compare); "best" marks are computed here from the data
 """
 from __future__ import annotations
 
+import getpass
 import gzip
 import io
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import pandas as pd
 
+from lib import distributed
 from lib.cache import atomic_write_bytes, atomic_write_text
 from lib.data import REPO_ROOT
 
@@ -21,7 +24,11 @@ SKIPS_FILE = "skipped.json"
 
 
 def results_root() -> Path:
-    """$ADV_RESULTS_DIR, else <repo>/results."""
+    """$ADV_RESULTS_DIR, else <repo>/results; on a rank other than 0 of a distributed job a scratch folder of that rank
+    and job instead, so that only rank 0 writes results (lib.runner deletes the scratch at the end of a run)."""
+    if distributed.env_rank() != 0:
+        job = os.environ.get("TORCHELASTIC_RUN_ID", os.environ.get("MASTER_PORT", ""))
+        return Path(tempfile.gettempdir()) / f"adv-results-{getpass.getuser()}-{job}-rank{distributed.env_rank()}"
     return Path(os.environ.get("ADV_RESULTS_DIR", REPO_ROOT / "results")).expanduser()
 
 

@@ -10,10 +10,21 @@ time. The reproduction report (lib.reproduction) reads only tables whose status.
 A notebook that runs longer than the profile's `notebook_timeout_s` is stopped and reported as "timeout". Ctrl-C
 or SIGTERM stops the run, and SUMMARY.md and manifest.json still say which notebook was interrupted and which
 did not run (exit status 130).
+
+Under torch.distributed (`--nproc N` on one machine, or torchrun across machines, see README): `--nproc N` re-launches
+the runner as `torchrun --standalone --nproc_per_node N -m lib.runner ...`; each runner process is one rank and
+executes every notebook in a kernel of its own, which inherits the rank and joins a process group of its own for that
+notebook (lib.distributed.init_from_env, in a namespace of torchrun's store named after the run and the notebook), so
+lib's evaluations and trainings share their work over the ranks. A rank other than 0 writes everything (executed
+notebooks, tables, figures, status, SUMMARY.md, REPORT.md) to a scratch folder of its own that is deleted at the end
+(lib.report.results_root): only rank 0 writes results. After each notebook the ranks' records meet on rank 0: the
+notebook failed if it failed on any rank, and the error names the rank that failed first (a killed kernel shows as
+DeadKernelError); a rank whose runner dies ends the job through torchrun, which names it. Caches make a re-run resume.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,18 +38,20 @@ import uuid
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Iterator
 
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import default
 
+from lib import distributed
 from lib.cache import atomic_write_text
 from lib.data import REPO_ROOT
 from lib.memory import MEMORY_FILE, memory_cell, notebook_memory, paper_scale_section
 from lib.profiles import PROFILES, dry_run_banner, dry_run_name, load_profile
 from lib.report import read_skips, reset_skips, results_dir, results_root
 
-NOTEBOOKS_DIR = REPO_ROOT / "notebooks"
+NOTEBOOKS_DIR = Path(os.environ.get("ADV_NOTEBOOKS_DIR", REPO_ROOT / "notebooks"))   # the series to run
 RUN_ID_ENV = "ADV_RUN_ID"
 STATUS_FILE = "status.json"
 PREVIOUS_DIR = "previous"
@@ -118,7 +131,8 @@ def run_notebook(book: Path, profile: str, run_id: str | None = None, timeout_s:
     raises for notebook errors) and writes it to the notebook's status.json.
 
     `timeout_s` bounds the whole notebook (None: no bound): each cell may run only until the notebook's time is
-    up, then the kernel is stopped and the record's status is "timeout".
+    up, then the kernel is stopped and the record's status is "timeout". In a distributed job the kernel joins a
+    process group named after the run and the notebook, and the record says which rank ran it and when it ended.
     """
     import papermill as pm
     from nbclient.exceptions import CellTimeoutError
@@ -135,28 +149,54 @@ def run_notebook(book: Path, profile: str, run_id: str | None = None, timeout_s:
         return None if deadline is None else max(1, math.ceil(deadline - time.monotonic()))
 
     record = {"notebook": book.stem, "status": "ok", "error": ""}
-    outer = os.environ.get(RUN_ID_ENV)
-    os.environ[RUN_ID_ENV] = run_id  # inherited by the kernel papermill starts
+    env = {RUN_ID_ENV: run_id, **({distributed.PREFIX_ENV: f"{run_id}/{book.stem}"} if distributed.active() else {})}
     try:
-        pm.execute_notebook(str(book), str(out_dir / book.name), parameters={"profile": profile},
-                            cwd=str(book.parent), progress_bar=False, kernel_name="python3",
-                            kernel_manager_class=LocalKernelManager, timeout_func=cell_timeout)
+        with _environment(env):   # inherited by the kernel papermill starts
+            pm.execute_notebook(str(book), str(out_dir / book.name), parameters={"profile": profile},
+                                cwd=str(book.parent), progress_bar=False, kernel_name="python3",
+                                kernel_manager_class=LocalKernelManager, timeout_func=cell_timeout)
     except CellTimeoutError:
         record["status"] = "timeout"
         record["error"] = f"stopped after the profile's notebook_timeout_s = {timeout_s:g} s"
     except Exception as exc:  # papermill wraps cell errors; report and continue with the next notebook
         record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {_first_line(getattr(exc, 'evalue', None) or str(exc))}"
-    finally:
-        if outer is None:
-            os.environ.pop(RUN_ID_ENV, None)
-        else:
-            os.environ[RUN_ID_ENV] = outer
+        name = getattr(exc, "ename", None) or type(exc).__name__   # a cell's error by its own name
+        record["error"] = f"{name}: {_first_line(getattr(exc, 'evalue', None) or str(exc))}"
     record["seconds"] = round(time.perf_counter() - t0, 1)
+    record["rank"], record["ended"] = distributed.rank(), time.time()
     record["skipped"] = read_skips(out_dir)
     record["memory"] = notebook_memory(out_dir, profile, book.stem)   # the kernel's peak; None if setup never ran
     write_status(out_dir, run_id, record)
     return record
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` set inside the block, as it was after it."""
+    outer = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in outer.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def merged_record(records: list[dict]) -> dict:
+    """One notebook's record over the ranks of a job (in rank order): rank 0's, but failed when it failed on any rank,
+    with an error that names the rank that failed first, then the other ranks' errors. A rank that failed because
+    another one did (a lib.distributed.RankFailure) is named first only when no other rank failed otherwise."""
+    failed = sorted((r for r in records if r["status"] != "ok"),
+                    key=lambda r: (r["error"].startswith(distributed.RankFailure.__name__), r["ended"]))
+    if not failed:
+        return records[0]
+    first = failed[0]
+    then = "".join(f"; then rank {r['rank']}: {r['error']}" for r in failed[1:])
+    return {**records[0], "status": first["status"],
+            "error": f"rank {first['rank']} of {len(records)} failed first: {first['error']}{then}"}
 
 
 def _first_line(text: str) -> str:
@@ -180,7 +220,8 @@ def manifest(profile: dict) -> dict:
             versions[name] = None
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     return {"profile": profile["name"], "seed": profile["seed"], "python": platform.python_version(),
-            "platform": platform.platform(), "device": device, "git_commit": _git("rev-parse", "HEAD"),
+            "platform": platform.platform(), "device": device, "processes": distributed.world_size(),
+            "git_commit": _git("rev-parse", "HEAD"),
             "git_dirty": bool(_git("status", "--porcelain")), "packages": versions,
             "finished_utc": datetime.now(UTC).isoformat(timespec="seconds")}
 
@@ -247,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                         "e.g. to rerun only the report over tables of that run; default: a new run")
     parser.add_argument("--dry-run", action="store_true", help="the profile capped to a minimum (lib.profiles."
                         "dry_run): every code path in minutes; results go to results/<profile>-dry-run/, no results")
+    parser.add_argument("--nproc", type=int, default=1, help="processes on this machine, e.g. one per GPU: the series "
+                        "runs under torchrun --standalone --nproc_per_node NPROC (README: several machines)")
     args = parser.parse_args(argv)
     if args.dry_run:
         args.profile = dry_run_name(args.profile)
@@ -259,21 +302,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if profile.get("threads") and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(profile["threads"])  # inherited by the notebook kernels
-    run_id = args.run_id or new_run_id()
-    print(f"run {run_id}, profile {args.profile}", flush=True)
+    if args.nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return relaunch(args.nproc, args.profile, args.only, args.run_id or new_run_id())
+    in_job = distributed.init_from_env("gloo", timeout_s=(timeout_s or 365 * 86400.0) + 600)   # peers' notebooks
+    run_id = distributed.from_main(lambda: args.run_id or new_run_id())
+    say = print if distributed.is_main() else _silent
+    say(f"run {run_id}, profile {args.profile}" + (f", {distributed.world_size()} processes" if in_job else ""),
+        flush=True)
     t0 = time.perf_counter()
     records: list[dict] = []
     t_book = t0
     previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         for i, book in enumerate(books, 1):
-            print(f"[{i}/{len(books)}] {book.stem} ...", flush=True)
+            say(f"[{i}/{len(books)}] {book.stem} ...", flush=True)
             t_book = time.perf_counter()
             record = run_notebook(book, args.profile, run_id, timeout_s)
+            if in_job:   # rank 0 learns how the notebook went on every rank
+                record = merged_record(distributed.all_gather(record))
+                write_status(results_root() / args.profile / book.stem, run_id, record)
             records.append(record)
             extra = f" ({len(record['skipped'])} part(s) skipped)" if record["skipped"] else ""
-            print(f"[{i}/{len(books)}] {book.stem} {record['status']} in {record['seconds']:.0f} s{extra}"
-                  + (f": {record['error']}" if record["error"] else ""), flush=True)
+            say(f"[{i}/{len(books)}] {book.stem} {record['status']} in {record['seconds']:.0f} s{extra}"
+                + (f": {record['error']}" if record["error"] else ""), flush=True)
     except KeyboardInterrupt as exc:
         how = "SIGTERM" if isinstance(exc, _Terminated) else "Ctrl-C"
         if len(records) < len(books):
@@ -287,10 +338,39 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(summary_markdown(args.profile, records, time.perf_counter() - t0, run_id), out / "SUMMARY.md")
     atomic_write_text(json.dumps({**manifest(profile), "run_id": run_id, "notebooks": records}, indent=2),
                       out / "manifest.json")
-    print(f"summary: {out / 'SUMMARY.md'}")
+    say(f"summary: {out / 'SUMMARY.md'}")
+    if in_job:   # the other ranks drop their scratch copies; rank 0 alone reports the run by its exit status
+        if not distributed.is_main():
+            shutil.rmtree(results_root(), ignore_errors=True)
+        with contextlib.suppress(distributed.RankFailure):   # torchrun stops the others when rank 0 exits non-zero
+            distributed.barrier()
+        if not distributed.is_main():
+            return 0
     if any(r["status"] == "interrupted" for r in records):
         return INTERRUPTED_EXIT
     return 1 if any(r["status"] != "ok" for r in records) else 0
+
+
+def relaunch(nproc: int, profile: str, only: str | None, run_id: str) -> int:
+    """Run the series as `torchrun --standalone --nproc_per_node nproc -m lib.runner ...`, one runner per rank, and
+    return torchrun's exit status: rank 0's, unless a runner process died (torchrun then names its rank). SIGTERM is
+    passed on."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "lib.runner", "--profile", profile, "--run-id", run_id, *(["--only", only] if only else [])]
+    with subprocess.Popen(cmd, cwd=REPO_ROOT) as job:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: job.terminate())
+        try:
+            while True:
+                try:
+                    return job.wait()
+                except KeyboardInterrupt:   # the terminal sent it to the job's processes too: they stop and report
+                    continue
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _silent(*args: object, **kwargs: object) -> None:
+    """print on the ranks that do not report."""
 
 
 def _interrupted_records(books: list[Path], how: str, seconds: float, profile: str, run_id: str) -> list[dict]:

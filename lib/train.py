@@ -3,6 +3,14 @@
 Training saves a resumable checkpoint after every epoch (atomically); the finished model is stored
 under a key made from its configuration and the source code of its class and of this module. A
 re-run with nothing changed loads it in seconds; an interrupted run resumes from its last epoch.
+
+In a distributed job (lib.distributed) training is data-parallel as DistributedDataParallel makes it: every rank
+sees the same global batches, trains on its share of each, and each optimizer step uses the gradient averaged over
+the ranks, so the model is the one a single process would train, up to float rounding and BatchNorm statistics
+(per rank, rank 0's kept). The averaging is an optimizer step hook rather than the DDP wrapper because the project's
+trainings are step closures that call their modules directly, several optimizers and backward passes per batch
+included. Rank 0 alone reads and writes checkpoints and sends what it read to the others; cache keys do not depend
+on the number of processes, so a model trained by N processes is loaded by a later single one, and the reverse.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lib import cache
+from lib import cache, distributed
 from lib.data import ImageData, load_dataset
 from lib.defenses.base import NotBuiltForDataset
 from lib.profiles import dataset_config
@@ -123,6 +131,10 @@ def fit(step: Step, batches: Callable[[int], Iterable[Sequence[torch.Tensor]]], 
     losses, averaged over the epoch weighted by batch size. `epoch_end(epoch)` may add entries to the history.
     With `checkpoint`, modules, optimizers and history are saved atomically after each epoch and a run finding
     the file resumes from it. Modules end in eval mode.
+    In a distributed job each rank steps on every world_size-th example of each batch (a batch with fewer examples
+    than ranks is skipped by all), gradients are averaged over the ranks, weighted by their shares, before every
+    optimizer step, the epoch's losses are summed over the ranks, and rank 0's modules are sent to the others after
+    every epoch.
     """
     device = device or get_device()
     for module in modules.values():
@@ -132,43 +144,79 @@ def fit(step: Step, batches: Callable[[int], Iterable[Sequence[torch.Tensor]]], 
             group.setdefault("initial_lr", group["lr"])
     history: list[dict] = []
     start = 0
-    state = cache.load_or_none(checkpoint) if checkpoint is not None else None
+    state = distributed.from_main(lambda: cache.load_or_none(checkpoint)) if checkpoint is not None else None
     if state is not None:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         for name, opt in optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
         history, start = list(state["history"]), int(state["epoch"])
-    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, mininterval=2.0)
-    for epoch in bar:
-        for name, opt in optimizers.items():
-            factor = lr_factor[name] if isinstance(lr_factor, Mapping) else lr_factor
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * factor(epoch, epochs)
-        seed_everything(seed * 1000 + epoch)
-        for module in modules.values():
-            module.train()
-        sums: dict[str, float] = {}
-        total = 0
-        for batch in batches(epoch):
-            batch = [t.to(device, non_blocking=True) for t in batch]
-            for name, value in step(*batch).items():
-                sums[name] = sums.get(name, 0.0) + float(value) * len(batch[0])
-            total += len(batch[0])
-        for module in modules.values():
-            module.eval()
-        first_lr = next(iter(optimizers.values())).param_groups[0]["lr"] if optimizers else 0.0
-        history.append({"epoch": epoch + 1, "lr": first_lr, **{k: v / max(total, 1) for k, v in sums.items()},
-                        **(epoch_end(epoch) if epoch_end else {})})
-        if "loss" in history[-1]:
-            bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
-        if checkpoint is not None:
-            cache.atomic_save({"modules": {k: m.state_dict() for k, m in modules.items()},
-                               "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                               "history": history, "epoch": epoch + 1}, checkpoint)
+    share = {"weight": 1.0}   # this rank's share of the current batch, read by the gradient averaging
+    hooks = [opt.register_step_pre_hook(_averaging(share)) for opt in optimizers.values()
+             ] if distributed.world_size() > 1 else []
+    bar = tqdm(range(start, epochs), desc=desc, initial=start, total=epochs, mininterval=2.0,
+               disable=not distributed.is_main())
+    try:
+        for epoch in bar:
+            for name, opt in optimizers.items():
+                factor = lr_factor[name] if isinstance(lr_factor, Mapping) else lr_factor
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * factor(epoch, epochs)
+            seed_everything(seed * 1000 + epoch)
+            for module in modules.values():
+                module.train()
+            sums: dict[str, float] = {}
+            total = 0
+            for batch in batches(epoch):
+                if len(batch[0]) < distributed.world_size():   # some rank would have no share: all skip it
+                    continue
+                rows = distributed.shard(len(batch[0]), strided=True)
+                share["weight"] = len(rows) / len(batch[0])
+                batch = [t[rows.start::rows.step].to(device, non_blocking=True) for t in batch]
+                for name, value in step(*batch).items():
+                    sums[name] = sums.get(name, 0.0) + float(value) * len(batch[0])
+                total += len(batch[0])
+            sums, total = _summed(sums, total, device)
+            for module in modules.values():
+                module.eval()
+                for tensor in module.state_dict().values():
+                    distributed.broadcast_(tensor)
+            first_lr = next(iter(optimizers.values())).param_groups[0]["lr"] if optimizers else 0.0
+            history.append({"epoch": epoch + 1, "lr": first_lr, **{k: v / max(total, 1) for k, v in sums.items()},
+                            **(epoch_end(epoch) if epoch_end else {})})
+            if "loss" in history[-1]:
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+            if checkpoint is not None and distributed.is_main():
+                cache.atomic_save({"modules": {k: m.state_dict() for k, m in modules.items()},
+                                   "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                                   "history": history, "epoch": epoch + 1}, checkpoint)
+    finally:
+        for hook in hooks:
+            hook.remove()
     for module in modules.values():
         module.eval()
     return history
+
+
+def _averaging(share: Mapping[str, float]) -> Callable[..., None]:
+    """An optimizer step pre-hook that replaces each gradient by the share-weighted sum of the ranks' gradients:
+    the gradient of the loss over the whole batch, as DistributedDataParallel's all-reduce gives it."""
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            flat = distributed.all_reduce_sum_(torch.cat([g.reshape(-1) for g in grads]) * share["weight"])
+            for g, summed in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(summed.view_as(g))
+
+    return hook
+
+
+def _summed(sums: dict[str, float], total: int, device: torch.device) -> tuple[dict[str, float], int]:
+    """An epoch's loss sums and example count, added up over the ranks (as they are outside a job)."""
+    if distributed.world_size() == 1:
+        return sums, total
+    flat = distributed.all_reduce_sum_(torch.tensor([*sums.values(), total], dtype=torch.float64, device=device))
+    return dict(zip(sums, flat[:-1].tolist())), int(flat[-1])
 
 
 def fit_classifier(model: nn.Module, data: ImageData, cfg: TrainConfig, *, device: torch.device | None = None,
@@ -223,7 +271,8 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
 
     `train(model, partial_checkpoint_path)` trains in place and returns metadata (plain values).
     The key hashes `config` and the source files of every lib class inside the module, of `code` and of this module.
-    Returns (model in eval mode on `device`, metadata incl. 'cache_hit').
+    Returns (model in eval mode on `device`, metadata incl. 'cache_hit'). In a distributed job every rank trains
+    (lib.train.fit), rank 0 alone reads and writes the entry, and the other ranks receive its weights and metadata.
     """
     device = device or get_device()
     model = build()
@@ -231,7 +280,7 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
     fingerprint = cache.source_fingerprint((*own_classes, fit, fit_classifier, *code))
     key = cache.config_key(dict(config), fingerprint)
     final = cache.cache_root() / namespace / f"{key}.pt"
-    entry = cache.load_or_none(final, _fits(model))
+    entry = distributed.from_main(lambda: cache.load_or_none(final, _fits(model)))
     if entry is not None:
         model.load_state_dict(entry["state_dict"])
         return model.to(device).eval(), {**entry["meta"], "cache_hit": True, "cache_key": key}
@@ -239,8 +288,12 @@ def cached_model(namespace: str, config: Mapping[str, Any], build: Callable[[], 
     t0 = time.perf_counter()
     meta = dict(train(model.to(device), partial))
     meta.setdefault("train_seconds", time.perf_counter() - t0)
-    cache.atomic_save({"state_dict": {k: v.cpu() for k, v in model.state_dict().items()}, "meta": meta}, final)
-    partial.unlink(missing_ok=True)
+    state, meta = distributed.from_main(lambda: ({k: v.cpu() for k, v in model.state_dict().items()}, meta))
+    if distributed.is_main():
+        cache.atomic_save({"state_dict": state, "meta": meta}, final)
+        partial.unlink(missing_ok=True)
+    else:   # every rank goes on with rank 0's model
+        model.load_state_dict(state)
     return model.eval(), {**meta, "cache_hit": False, "cache_key": key}
 
 

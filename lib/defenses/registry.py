@@ -56,17 +56,13 @@ def _adversarial_training(profile: Profile, dataset: str, classifier: nn.Module,
                                       "cache_key": meta["cache_key"]})
 
 
-def _seed(profile: Profile, dataset: str) -> int:
-    return int(profile.get("seed", 0))
-
-
 ENTRIES: dict[str, tuple[str, DefenseFactory]] = {
     "none": ("No defense", _fixed()),
     "bit_depth": ("Bit-depth reduction", _fixed(BitDepthReduction, bits=lambda profile, dataset: bits_for(dataset))),
     "median": ("Median filter 2x2", _fixed(MedianFilter, size=2)),
     "nlm": ("Non-local means", _fixed(NonLocalMeans)),
     "jpeg": ("JPEG (q=75)", _fixed(JPEGCompression, quality=75)),
-    "tvm": ("TVM", _fixed(TotalVariationMinimization, seed=_seed)),
+    "tvm": ("TVM", _fixed(TotalVariationMinimization)),   # masks from torch's RNG: the evaluation seeds it per chunk
     "adv_training": ("PGD adversarial training", _adversarial_training),
     "sfm": ("SFM mask + median 2x2 (own classifier)", _paper("sfm")),
     "idfr_id": ("IDFR input denoiser (ID only)", _paper("idfr", "build_denoiser")),
