@@ -33,6 +33,8 @@ T = TypeVar("T")
 
 class RankFailure(RuntimeError):
     """A collective could not complete: another rank of the job died, failed or did not answer in time."""
+
+
 _objects: Any = None   # the gloo group that carries objects in an NCCL job (None: the default group)
 
 
