@@ -134,3 +134,8 @@ def test_hull_figure_defaults_to_the_class_with_most_misclassified_embeddings():
     assert fig.axes[0].get_title().startswith("class 2:")
     with pytest.raises(ValueError, match="no embedding"):
         tables.hull_figure(idfr.FeaturePool(h, y, correct), "paper", klass=7)
+    correct[y == 2] = False   # class 2 now has only misclassified embeddings: 'paper' pairing never draws it
+    fig = tables.hull_figure(idfr.FeaturePool(h, y, correct), "paper", n_mix=50)   # (it looped forever before)
+    assert fig.axes[0].get_title().startswith("class 0:")
+    with pytest.raises(ValueError, match="draws only classes"):
+        tables.hull_figure(idfr.FeaturePool(h, y, correct), "paper", klass=2)

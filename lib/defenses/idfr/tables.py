@@ -314,19 +314,24 @@ def hull_figure(pool: FeaturePool, pairing: str = "paper", klass: int | None = N
                 seed: int = 0) -> Figure:
     """Fig. 2 made from data: 2-D PCA of one class's post-ID embeddings (p1 / p2), the convex hull of the points
     and mixtures sampled as the FR's training distribution (`pairing`). `klass` None: the class with the most
-    misclassified embeddings."""
+    misclassified embeddings among those the sampler draws mixtures of."""
     import matplotlib.pyplot as plt
     from scipy.spatial import ConvexHull
 
+    sampler = ConvexHullSampler(pool, pairing)
+    drawn = sampler.classes.tolist()
     if klass is None:
-        klass = int(torch.bincount(pool.y[~pool.correct], minlength=int(pool.y.max()) + 1).argmax())
+        misclassified = torch.bincount(pool.y[~pool.correct], minlength=int(pool.y.max()) + 1)
+        klass = max(drawn, key=lambda c: int(misclassified[c]))   # the first such class on a tie
     mask = pool.y == klass
     if not mask.any():
         raise ValueError(f"class {klass} has no embedding in the pool")
+    if klass not in drawn:   # pairing 'paper' draws only classes with a correctly classified embedding
+        raise ValueError(f"class {klass} has no mixture to show: the sampler ({pairing!r} pairing) draws only "
+                         f"classes {drawn}")
     h = pool.h[mask]
     mean = h.mean(0, keepdim=True)
     _, _, v = torch.pca_lowrank(h - mean, q=2, center=False)
-    sampler = ConvexHullSampler(pool, pairing)
     gen = torch.Generator().manual_seed(seed)
     mixes = []
     while sum(len(m) for m in mixes) < n_mix:
