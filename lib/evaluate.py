@@ -131,8 +131,12 @@ def accuracy(model: Model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 5
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]:
     """Mean L-inf, mean and median L2 of x_adv - x over all examples."""
     delta = (x_adv - x).flatten(1)
-    l2 = delta.norm(dim=1)
-    return {"linf_mean": float(delta.abs().amax(1).mean()), "l2_mean": float(l2.mean()), "l2_median": float(l2.median())}
+    return norm_summary(delta.abs().amax(1), delta.norm(dim=1))
+
+
+def norm_summary(linf: torch.Tensor, l2: torch.Tensor) -> dict[str, float]:
+    """Mean L-inf, mean and median L2 of per-example perturbation norms."""
+    return {"linf_mean": float(linf.mean()), "l2_mean": float(l2.mean()), "l2_median": float(l2.median())}
 
 
 def model_digest(model: nn.Module) -> str:
@@ -272,8 +276,8 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
         rows.append({**case.outcome, "n": len(frame),
                      "clean_acc": 100.0 * float(torch.tensor(frame["clean_correct"].to_numpy()).float().mean()),
                      "robust_acc": 100.0 * float(torch.tensor(frame["correct"].to_numpy()).float().mean()),
-                     "linf_mean": float(linf.mean()), "l2_mean": float(l2.mean()), "l2_median": float(l2.median()),
-                     "attack_seconds": seconds, "gradient": case.route.gradient, "flags": flags})
+                     **norm_summary(linf, l2), "attack_seconds": seconds, "gradient": case.route.gradient,
+                     "flags": flags})
         examples.append(frame)
     return pd.DataFrame(rows), (pd.concat(examples, ignore_index=True) if examples else pd.DataFrame())
 

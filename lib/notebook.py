@@ -68,8 +68,9 @@ def setup(profile: str, notebook: str, overrides: Mapping[str, Any] | None = Non
     folder (results/<profile>/<notebook>, or `out`, e.g. for an own defense evaluated as notebook 09; skips of an
     earlier run forgotten), the device and thread count, and seed everything; prints one line saying so (and a
     second marking a dry run as no results). Under torchrun or `run_all.sh --nproc N` it joins the distributed job
-    first (lib.distributed), so that lib's evaluations and trainings share their work over the ranks. From then on the kernel's peak memory is written to the results
-    folder after every cell (lib.memory.watch) for the run summary."""
+    first (lib.distributed), so that lib's evaluations and trainings share their work over the ranks. From then on
+    the kernel's peak memory is written to the results folder after every cell (lib.memory.watch) for the run
+    summary."""
     in_job = distributed.init_from_env()
     loaded = notebook_profile(load_profile(profile, overrides), notebook)
     out = report.results_dir(profile, notebook) if out is None else report.make_results_dir(out)
