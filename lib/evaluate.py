@@ -13,9 +13,10 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -148,17 +149,52 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+def _setting(value: Any) -> Any:
+    """A module attribute as it enters attacked_digest: scalars as they are, containers and dataclasses item by item,
+    tensors and arrays by content, callables by name, anything else by its type."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (tuple, list)):
+        return [_setting(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _setting(v) for k, v in value.items()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return [type(value).__qualname__, _setting(asdict(value))]
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return cache.tensor_digest(torch.as_tensor(value))
+    if callable(value):
+        return getattr(getattr(value, "__func__", value), "__qualname__", type(value).__qualname__)
+    return type(value).__qualname__
+
+
+def attacked_digest(model: nn.Module) -> str:
+    """model_digest plus what weights cannot tell apart: each submodule's public settings (JPEG's quality, EOT's draws,
+    a BPDA backward) and its class's source file. It keys cached attacks, white-box ones through a defense included."""
+    settings, classes = [], set()
+    for module in model.modules():
+        classes.add(type(module))
+        settings.append([type(module).__qualname__, {k: _setting(v) for k, v in sorted(vars(module).items())
+                                                     if not k.startswith("_") and k != "training"}])
+    sources = []
+    for cls in classes:
+        try:
+            sources.append(cache.source_fingerprint([cls]))
+        except (TypeError, OSError):   # a class without a source file (built in, or defined interactively)
+            sources.append(f"{cls.__module__}.{cls.__qualname__}")
+    return cache.config_key([model_digest(model), settings, sorted(sources)])
+
+
 def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,
                     use_cache: bool = True) -> tuple[torch.Tensor, float]:
     """Run one attack on `model`; returns (x_adv on x's device, seconds spent).
 
     The set is crafted in chunks of `batch_size` images, each seeded from (attack, parameters, its own images), so a
     result is the same whether or not anything ran or was cached before it, and however the chunks are shared out.
-    When `model` is an nn.Module each chunk is cached under (attack, parameters, weights, its images, attack code); a
-    cached chunk reports the seconds of the run that produced it. In a distributed job each rank crafts its share of
-    the chunks (lib.distributed.shard) and every rank receives the whole set, as a single process would craft it.
+    When `model` is an nn.Module each chunk is cached under (attack, parameters, attacked_digest, its images, attack
+    code); a cached chunk reports the seconds of the run that produced it. In a distributed job each rank crafts its
+    share of the chunks (lib.distributed.shard) and every rank receives the whole set, as a single process would.
     """
-    model_key = model_digest(model) if use_cache and isinstance(model, nn.Module) else None
+    model_key = attacked_digest(model) if use_cache and isinstance(model, nn.Module) else None
     bounds = _chunks(len(x), batch_size)
     mine = {i: _crafted(spec, model, x[lo:hi], y[lo:hi], batch_size=batch_size, model_key=model_key)
             for i in distributed.shard(len(bounds)) for lo, hi in [bounds[i]]}
@@ -220,9 +256,10 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
                     use_cache: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Clean and robust accuracy of every defense under every attack and threat model, and every example's outcome.
 
-    Adversarial sets that do not depend on the defense (black box, gray box) are crafted once and
-    shared. `gray_box_models[name]` overrides the model attacked in the gray box for one defense
-    (e.g. SFM's gray box differentiates through the masker but not the squeezer).
+    Adversarial sets that do not depend on the defense (black box, gray box) are crafted once and shared; every set,
+    white-box ones included, is cached on disk unless `use_cache` is False. `gray_box_models[name]` overrides the model
+    attacked in the gray box for one defense (e.g. SFM's gray box differentiates through the masker but not the
+    squeezer).
     White box: a non-differentiable defense with its own differentiable approximation (`bpda_purify`) is attacked
     through it and, reported beside it as threat `white-identity`, with identity BPDA. A randomised defense meets
     AutoAttack's `rand` version, with EOT over `eot_samples` draws, instead of the profile's version.
@@ -254,10 +291,10 @@ def threat_outcomes(classifier: nn.Module, defenses: Mapping[str, Defense], x: t
              for name, defense in defenses.items()
              for route in _routes(threat, spec, name, defense, classifier, surrogate, gray_box_models, eot_samples,
                                   use_cache)]
-    digests: dict[int, str] = {}   # one weight digest per disk-cached attacked model
+    digests: dict[int, str] = {}   # one attacked_digest per disk-cached attacked model
     for case in cases:
         if case.route.cacheable and isinstance(case.route.model, nn.Module) and id(case.route.model) not in digests:
-            digests[id(case.route.model)] = model_digest(case.route.model)
+            digests[id(case.route.model)] = attacked_digest(case.route.model)
     bounds = _chunks(len(x), batch_size)
     parts = distributed.gather_parts({i: _chunk_outcomes(cases, defended, x[lo:hi], y[lo:hi], lo, batch_size, device,
                                                          digests)
@@ -366,8 +403,8 @@ class _Defended(NamedTuple):
 def _routes(threat: str, spec: AttackSpec, name: str, defense: Defense, classifier: nn.Module,
             surrogate: Model | None, gray_box_models: Mapping[str, Model], eot_samples: int,
             use_cache: bool) -> list[_Route]:
-    """The attack runs of one (threat, attack, defense); white-box ones are not cached on disk: a weight digest cannot
-    tell apart parameter-free defenses (JPEG q=75 / q=90)."""
+    """The attack runs of one (threat, attack, defense), each cached on disk under its attacked model's
+    attacked_digest (white box: classifier, defense, its settings and gradient route together)."""
     from lib.attacks import attack_surface
 
     if threat != "white":
@@ -378,13 +415,13 @@ def _routes(threat: str, spec: AttackSpec, name: str, defense: Defense, classifi
         params = {k: v for k, v in spec.params.items() if k not in ("version", "attacks")}
         rand = AttackSpec(spec.name, {**params, "version": "rand", "eot_iter": eot_samples}, spec.label, spec.l2_budget)
         return [_Route("white", attack_surface(classifier, defense), rand, _gradient_route(defense, eot_samples),
-                       False, ("white", name))]
+                       use_cache, ("white", name))]
     routes = [_Route("white", attack_surface(classifier, defense, eot_samples=eot_samples), spec,
-                     _gradient_route(defense, eot_samples), False, ("white", name))]
+                     _gradient_route(defense, eot_samples), use_cache, ("white", name))]
     if not defense.differentiable and defense.bpda_purify is not None:
         identity = attack_surface(classifier, defense, eot_samples=eot_samples, backward_fn=nn.Identity())
         routes.append(_Route("white-identity", identity, spec, _gradient_route(defense, eot_samples, identity=True),
-                             False, ("white-identity", name)))
+                             use_cache, ("white-identity", name)))
     return routes
 
 

@@ -48,8 +48,7 @@ def _row(defense: str, check: str, ok: bool | None, measured: str, key: str) -> 
 def _white_acc(built: Built, x: torch.Tensor, y: torch.Tensor, params: Mapping[str, Any], eot: int) -> float:
     """Accuracy (%) of the defended model under white-box L-inf PGD with `params` through EOT over `eot` draws."""
     spec = AttackSpec("pgd", dict(params))
-    x_adv, _ = adversarial_set(spec, attack_surface(built.classifier, built.defense, eot_samples=eot), x, y,
-                               use_cache=False)
+    x_adv, _ = adversarial_set(spec, attack_surface(built.classifier, built.defense, eot_samples=eot), x, y)
     with seeded_rng(_seed_of("sanity", sorted(params.items()), eot), x.device):
         return accuracy(built.model().eval(), x_adv, y)
 

@@ -3,7 +3,9 @@ import torch
 
 from lib import cache
 from lib.defenses.base import Defense, NoDefense
-from lib.evaluate import AttackSpec, accuracy, adversarial_set, attack_specs, evaluate_threats, perturbation_norms
+from lib.attacks import attack_surface
+from lib.evaluate import (AttackSpec, accuracy, adversarial_set, attack_specs, attacked_digest, evaluate_threats,
+                          perturbation_norms)
 
 
 class BitDepth(Defense):
@@ -64,6 +66,37 @@ def test_adversarial_sets_are_cached(digits_model, digits_batch, monkeypatch):
     monkeypatch.setattr(attacks, "generate", lambda *a, **k: pytest.fail("attack re-run despite cache"))
     again, seconds_again = adversarial_set(BIM, digits_model, x, y)
     assert torch.equal(first, again) and seconds_again == pytest.approx(seconds)
+
+
+class Quantise(Defense):
+    """Test-local parameter-free squeezer whose only difference between instances is a setting, not a weight."""
+
+    differentiable = False
+
+    def __init__(self, levels):
+        super().__init__()
+        self.levels = levels
+
+    def purify(self, x):
+        return torch.round(x * (self.levels - 1)) / (self.levels - 1)
+
+
+def test_white_box_attacks_are_cached_per_defense_setting(digits_model, digits_batch, monkeypatch):
+    x, y = digits_batch
+    two, four = attack_surface(digits_model, Quantise(2)), attack_surface(digits_model, Quantise(4))
+    assert attacked_digest(two) == attacked_digest(attack_surface(digits_model, Quantise(2)))
+    assert attacked_digest(two) != attacked_digest(four)   # same weights (none), another setting
+    assert attacked_digest(attack_surface(digits_model, Quantise(2), backward_fn=torch.nn.Identity())) != \
+        attacked_digest(two)                              # another gradient route
+    run = dict(threats=("white",), device=torch.device("cpu"))
+    first = evaluate_threats(digits_model, {"q2": Quantise(2), "q4": Quantise(4)}, x, y, [BIM], **run)
+    assert first.set_index("defense").robust_acc["q2"] != first.set_index("defense").robust_acc["q4"]
+    import lib.attacks as attacks
+
+    monkeypatch.setattr(attacks, "generate", lambda *a, **k: pytest.fail("white-box attack re-run despite cache"))
+    again = evaluate_threats(digits_model, {"q2": Quantise(2), "q4": Quantise(4)}, x, y, [BIM], **run)
+    assert again.drop(columns="attack_seconds").equals(first.drop(columns="attack_seconds"))
+    assert again.attack_seconds.tolist() == pytest.approx(first.attack_seconds.tolist())
 
 
 def test_norms_and_specs():
