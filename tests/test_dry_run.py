@@ -69,12 +69,20 @@ def _aligned(full, dry):
     return full
 
 
+def _with_dry_run_settings(profile):
+    """`profile` with each notebook section's `dry_run` settings in place of its own (what the caps start from)."""
+    profile = copy.deepcopy(profile)
+    for section in profile["notebooks"].values():
+        section.update(section.pop("dry_run", {}))
+    return profile
+
+
 @pytest.mark.parametrize("name", PROFILES)
 def test_dry_run_caps_every_count_and_keeps_the_rest(name):
     full, dry = load_profile(name), load_profile(dry_run_name(name))
     assert dry == dry_run(full) and is_dry_run(dry) and not is_dry_run(full)
     assert dry["name"] == f"{name}-dry-run" and dry["datasets"].keys() == full["datasets"].keys()
-    full = _aligned(full, dry)
+    full = _aligned(_with_dry_run_settings(full), dry)
     capped = 0
     for path, value in _leaves(dry):
         key = _last_key(path)
@@ -115,6 +123,20 @@ def test_step_lists_stay_increasing_and_none_steps_keep_the_papers_rule():
     assert dry["04_image_reconstruction"]["bim_steps"] is None       # Kurakin's rule
     assert dry["02_idfr"]["eval_size"] == DRY_RUN_SIZE and dry["02_idfr"]["id_train_size"] == DRY_RUN_TRAIN
     assert dry["09_cross_defense_benchmark"]["attacks"][-1]["params"]["n_queries"] == DRY_RUN_FEW
+
+
+def test_a_notebook_section_names_the_strengths_its_dry_run_purifies():
+    """RegionSparse's dry run purifies the strengths its tables look up (OMP at 299 x 299 dominates its time), not
+    the whole grid; a full run keeps the grid, and a `dry_run` setting the section does not have is refused."""
+    full = load_profile("paper")["notebooks"]["03_regionsparse"]
+    dry = load_profile("paper-dry-run")["notebooks"]["03_regionsparse"]
+    assert full["linf_grid"] == [2, 6, 10, 14, 18, 22] and dry["linf_grid"] == [10, 22] and "dry_run" not in dry
+    for grid, level in (("linf_grid", dry["ablation"]["linf"]), ("l2_grid", dry["ablation"]["l2"]),
+                        ("linf_grid", dry["transfer"]["linf"]), ("l2_grid", dry["transfer"]["l2"])):
+        assert level in dry[grid]
+    assert set(dry["table2_linf"]) <= set(dry["linf_grid"]) and set(dry["table2_l2"]) <= set(dry["l2_grid"])
+    with pytest.raises(ValueError, match="dry_run replaces linf_grids, which the section does not set"):
+        load_profile("paper", {"notebooks.03_regionsparse.dry_run": {"linf_grids": [10]}})
 
 
 def test_attack_lists_keep_one_entry_per_kind_of_attack():

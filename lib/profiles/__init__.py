@@ -39,6 +39,8 @@ DRY_RUN_SUFFIX = "-dry-run"
 DRY_RUN_TRAIN = 16     # images in every training subset (room for a validation split held out of it)
 DRY_RUN_SIZE = 8       # images in every other subset a dry run loads
 DRY_RUN_FEW = 2        # figure rows, examples, step counts, EOT draws, sweep entries
+DRY_RUN_KEY = "dry_run"   # in a notebook section: settings a dry run uses instead of the section's own (a full
+                          # run ignores it)
 
 # One rule per kind of setting, matched on the setting's key (first match wins); every other value is kept, so a
 # dry run has the profile's datasets, architectures, image sizes, kinds of attack (with their own eps) and code paths.
@@ -84,14 +86,18 @@ def dry_run(profile: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `profile` capped to a minimum, as PyTorch Lightning's fast_dev_run: every training subset
     DRY_RUN_TRAIN images and every other DRY_RUN_SIZE, every epoch count 1, every step, iteration, EOT and figure
     count at most DRY_RUN_FEW, every sweep its first DRY_RUN_FEW entries, every attack list one entry per kind of
-    attack (rules in _DRY_RUN_RULES, by key); AutoAttack DRY_RUN_FEW iterations and queries. Everything else is
-    kept (eps grids of curves too), so the dry run exercises the profile's datasets, models and code paths in
-    minutes. Values keep their types (None, meaning "all", becomes an int). Trained models are cached under their
-    configuration, which the caps change (subset digests, epochs), so a dry run never writes an entry a full run
-    would load."""
+    attack (rules in _DRY_RUN_RULES, by key); AutoAttack DRY_RUN_FEW iterations and queries. A notebook section's
+    `dry_run` mapping replaces its settings before the caps: the few levels of a strength grid that its tables look
+    up, where a rule by key cannot know which ones. Everything else is kept (eps grids of curves too), so the dry
+    run exercises the profile's datasets, models and code paths in minutes. Values keep their types (None, meaning
+    "all", becomes an int). Trained models are cached under their configuration, which the caps change (subset
+    digests, epochs), so a dry run never writes an entry a full run would load."""
     if is_dry_run(profile):
         return copy.deepcopy(dict(profile))
-    capped = _cap(copy.deepcopy(dict(profile)), None)
+    profile = copy.deepcopy(dict(profile))
+    for section in profile["notebooks"].values():
+        section.update(section.pop(DRY_RUN_KEY, None) or {})
+    capped = _cap(profile, None)
     capped.update(name=dry_run_name(profile["name"]), dry_run=True,
                   description=f"DRY RUN of {profile['name']} (capped to a minimum; not results): "
                               f"{profile.get('description', '')}")

@@ -57,6 +57,17 @@ def check_profile(profile: Any, source: str | Path) -> None:
         if not isinstance(section, Mapping):
             raise ValueError(f"{where}: notebooks.{notebook} must be a mapping of settings, got {section!r}")
         _check_attack_entries(section, where, f"notebooks.{notebook}")
+        _check_dry_run_settings(section, where, f"notebooks.{notebook}")
+
+
+def _check_dry_run_settings(section: Mapping[str, Any], where: str, path: str) -> None:
+    """A section's `dry_run` mapping may only replace settings the section has (a misspelt key would add one)."""
+    replaced = section.get("dry_run", {})
+    if not isinstance(replaced, Mapping):
+        raise ValueError(f"{where}: {path}.dry_run must be a mapping of the section's settings, got {replaced!r}")
+    unknown = sorted(str(k) for k in replaced if k not in section or k == "dry_run")
+    if unknown:
+        raise ValueError(f"{where}: {path}.dry_run replaces {', '.join(unknown)}, which the section does not set")
 
 
 def _check_section(section: Any, schema: Mapping[str, tuple[str, ...]], where: str, path: str) -> None:
