@@ -9,9 +9,10 @@ from lib.validate import check_positive_int
 def batch_omp(signals: torch.Tensor, dictionary: torch.Tensor, sparsity: int, chunk: int = 200_000) -> torch.Tensor:
     """Orthogonal matching pursuit for many signals at once: codes (n, k) with at most `sparsity` non-zeros.
 
-    signals (n, d), dictionary (k, d) with unit-norm rows. Gram-matrix OMP vectorised over signals: each step
-    picks the atom of largest |residual correlation| (not yet chosen) and refits all chosen coefficients by
-    least squares (batched solve). A signal whose residual correlation vanishes stops early, like scikit-learn.
+    signals (n, d), dictionary (k, d) with unit-norm rows. OMP vectorised over signals: each step picks the atom of
+    largest |residual correlation| (not yet chosen), refits all chosen coefficients by least squares on the Gram
+    matrix (batched solve) and correlates the new residual with the dictionary (one product, cheaper than gathering
+    Gram rows when d < k). A signal whose residual correlation vanishes stops early, like scikit-learn.
     """
     support, valid, coef = _omp(signals, dictionary, sparsity, chunk)
     return signals.new_zeros(len(signals), dictionary.shape[0]).scatter_add_(1, support, coef)
@@ -56,7 +57,7 @@ def _omp_chunk(x: torch.Tensor, dictionary: torch.Tensor, gram: torch.Tensor, sp
     n, k = x.shape[0], dictionary.shape[0]
     rows = torch.arange(n, device=x.device)
     corr0 = x @ dictionary.T                       # (n, k) correlations with the signal
-    corr = corr0.clone()
+    corr = corr0
     chosen = torch.zeros(n, k, dtype=torch.bool, device=x.device)
     support = torch.zeros(n, sparsity, dtype=torch.long, device=x.device)
     valid = torch.zeros(n, sparsity, dtype=torch.bool, device=x.device)
@@ -78,5 +79,6 @@ def _omp_chunk(x: torch.Tensor, dictionary: torch.Tensor, gram: torch.Tensor, sp
         g = torch.where(both, g, eye)
         rhs = torch.where(v, corr0.gather(1, s), torch.zeros_like(corr0[:, :t + 1]))
         coef = torch.linalg.solve(g, rhs)          # zero on invalid slots
-        corr = corr0 - torch.einsum("nt,ntk->nk", coef, gram[s])
+        residual = x - torch.bmm(coef[:, None, :], dictionary[s]).squeeze(1)   # (n, d): smaller than gram[s]
+        corr = residual @ dictionary.T
     return support, valid, coef * valid
