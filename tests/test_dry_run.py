@@ -208,10 +208,10 @@ def _statuses(out: Path) -> dict[str, dict]:
     return {book.stem: runner.read_status(out / book.stem) for book in runner.discover()}
 
 
-# Not yet in CI: on 2 shared cores the paper dry run of notebook 02 (IDFR's ID and FR on CIFAR-10, CIFAR-100 and
-# ImageNet at 224/299, 12.9 GB peak RSS) and of 03 (RegionSparse's stride-1 OMP at 299 x 299 over 12 attack levels)
-# each took over 20 minutes (2026-12-03), so the whole series does not fit CI's 90 minutes beside the suite. The
-# timeout covers the module fixture's whole run.
+# Not yet in CI: on 2 cores the paper dry run took 38 s (00), 413 s (01), 1462 s (02: IDFR's ID and FR on CIFAR-10,
+# CIFAR-100 and ImageNet at 224/299, 12.9 GB peak RSS), 894 s (03: RegionSparse's stride-1 OMP at 299 x 299), 425 s
+# (04), 475 s (05), under a minute each (06-08), and 09 had not finished after 18 minutes (2026-12-03): the series does
+# not fit CI's 90 minutes beside the suite and the quick dry run. The timeout covers the module fixture's whole run.
 END_TO_END = pytest.mark.skipif(os.environ.get("ADV_DRY_RUN_TESTS") != "1",
                                 reason="end-to-end dry runs exceed CI's budget so far; ADV_DRY_RUN_TESTS=1 runs them")
 
