@@ -150,18 +150,18 @@ def model_digest(model: nn.Module) -> str:
 
 
 def _setting(value: Any) -> Any:
-    """A module attribute as it enters attacked_digest: scalars as they are, containers and dataclasses item by item,
-    tensors and arrays by content, callables by name, anything else by its type."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+    """A module attribute as cache.content_digest can hash it stably: containers and dataclasses item by item, arrays
+    as tensors, callables by name (their repr holds an address), objects without a stable repr by their type."""
     if isinstance(value, (tuple, list)):
         return [_setting(v) for v in value]
     if isinstance(value, Mapping):
         return {str(k): _setting(v) for k, v in value.items()}
     if is_dataclass(value) and not isinstance(value, type):
         return [type(value).__qualname__, _setting(asdict(value))]
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return cache.tensor_digest(torch.as_tensor(value))
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
     if callable(value):
         return getattr(getattr(value, "__func__", value), "__qualname__", type(value).__qualname__)
     return type(value).__qualname__
@@ -181,7 +181,7 @@ def attacked_digest(model: nn.Module) -> str:
             sources.append(cache.source_fingerprint([cls]))
         except (TypeError, OSError):   # a class without a source file (built in, or defined interactively)
             sources.append(f"{cls.__module__}.{cls.__qualname__}")
-    return cache.config_key([model_digest(model), settings, sorted(sources)])
+    return cache.content_digest([model_digest(model), settings, sorted(sources)])[:20]
 
 
 def adversarial_set(spec: AttackSpec, model: Model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 256,

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from lib.profiles.schema import check_profile, read_profile
+from lib.profiles.schema import DRY_RUN_KEY, check_profile, read_profile
 
 PROFILES: tuple[str, ...] = ("smoke", "quick", "paper")
 _DIR = Path(__file__).resolve().parent
@@ -39,8 +39,6 @@ DRY_RUN_SUFFIX = "-dry-run"
 DRY_RUN_TRAIN = 16     # images in every training subset (room for a validation split held out of it)
 DRY_RUN_SIZE = 8       # images in every other subset a dry run loads
 DRY_RUN_FEW = 2        # figure rows, examples, step counts, EOT draws, sweep entries
-DRY_RUN_KEY = "dry_run"   # in a notebook section: settings a dry run uses instead of the section's own (a full
-                          # run ignores it)
 
 # One rule per kind of setting, matched on the setting's key (first match wins); every other value is kept, so a
 # dry run has the profile's datasets, architectures, image sizes, kinds of attack (with their own eps) and code paths.

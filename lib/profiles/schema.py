@@ -21,6 +21,9 @@ TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "eval_batch_size": (_INT,), "notebook_timeout_s": (_NUMBER, _NONE), "datasets": (_MAP,), "notebooks": (_MAP,),
     "dry_run": (_BOOL,), "purify_batch_sizes": (_MAP,),
 }
+# in a notebook section: settings a dry run uses instead of the section's own (lib.profiles.dry_run; a full run
+# ignores them)
+DRY_RUN_KEY = "dry_run"
 REQUIRED = ("name", "seed", "datasets", "notebooks")
 # lib.train.trained_classifier's roles -> the dataset section's key that holds each role's classifier spec
 CLASSIFIER_ROLES: dict[str, str] = {"target": "classifier", "surrogate": "surrogate", "adversarial": "adversarial",
@@ -61,11 +64,11 @@ def check_profile(profile: Any, source: str | Path) -> None:
 
 
 def _check_dry_run_settings(section: Mapping[str, Any], where: str, path: str) -> None:
-    """A section's `dry_run` mapping may only replace settings the section has (a misspelt key would add one)."""
-    replaced = section.get("dry_run", {})
+    """A section's DRY_RUN_KEY mapping may only replace settings the section has (a misspelt key would add one)."""
+    replaced = section.get(DRY_RUN_KEY, {})
     if not isinstance(replaced, Mapping):
         raise ValueError(f"{where}: {path}.dry_run must be a mapping of the section's settings, got {replaced!r}")
-    unknown = sorted(str(k) for k in replaced if k not in section or k == "dry_run")
+    unknown = sorted(str(k) for k in replaced if k not in section or k == DRY_RUN_KEY)
     if unknown:
         raise ValueError(f"{where}: {path}.dry_run replaces {', '.join(unknown)}, which the section does not set")
 
