@@ -218,6 +218,24 @@ def test_autoattack_validates_options(digits_model, batch):
         autoattack(digits_model, x, y, eps=0.1, norm="L3")
     with pytest.raises(ValueError, match="eps must be"):
         autoattack(digits_model, x, y, eps=-0.1)
+    with pytest.raises(ValueError, match="n_target_classes"):
+        autoattack(digits_model, x, y, eps=0.1, n_target_classes=0)
+
+
+def test_autoattack_targets_only_the_classes_it_is_given(digits_model, batch, monkeypatch):
+    """n_target_classes (a dry run's minimum) bounds the target classes of the targeted APGD, as AutoAttack's own
+    attribute does: one target class makes one targeted run per restart."""
+    from pyautoattack.autopgd_base import APGDAttack_targeted
+
+    x, y = batch[0][:8], batch[1][:8]
+    runs = []
+    original = APGDAttack_targeted.attack_single_run
+    monkeypatch.setattr(APGDAttack_targeted, "attack_single_run",
+                        lambda self, *a, **k: runs.append(self.n_target_classes) or original(self, *a, **k))
+    for targets in (1, 3):
+        runs.clear()
+        autoattack(digits_model, x, y, eps=0.01, version="custom", attacks=["apgd-t"], n_iter=2, n_target_classes=targets)
+        assert runs and len(runs) <= targets and set(runs) == {targets}
 
 
 # ----- evaluation strength: PGD's best iterate and restarts; AutoAttack's own checks -----

@@ -81,13 +81,14 @@ def _logging(verbose: bool) -> Iterator[None]:
 def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, norm: str = "Linf",
                version: str = "standard", attacks: Sequence[str] | None = None, seed: int = 0,
                n_iter: int | None = None, n_queries: int | None = None, eot_iter: int | None = None,
-               verbose: bool = False, targeted: bool = False) -> torch.Tensor:
+               n_target_classes: int | None = None, verbose: bool = False, targeted: bool = False) -> torch.Tensor:
     """Run AutoAttack (untargeted) with budget eps in the given norm and return its adversarial examples.
 
     version="custom" runs only `attacks` (e.g. ["apgd-ce"]). n_iter overrides the iterations of APGD and
     FAB (100 in the official settings) and n_queries Square's query budget (5000), for quick runs. version="rand"
     (for randomised defenses) runs APGD-CE and APGD-DLR with EOT over 20 draws per gradient, eot_iter changes that.
-    Targeted variants (apgd-t, fab-t) cycle through min(9, K - 1) target classes.
+    Targeted variants (apgd-t, fab-t) cycle through min(9, K - 1) target classes, or n_target_classes (a dry run's
+    minimum) when given.
     """
     n_classes = check_attack_inputs(model, x, y)
     check_nonnegative(eps, "eps")
@@ -104,7 +105,8 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, no
             raise ValueError(f"version='custom' needs attacks from {_ATTACKS}, got {attacks!r}")
     elif attacks is not None:
         raise ValueError(f"attacks is only used with version='custom', got version={version!r}")
-    for value, name in ((n_iter, "n_iter"), (n_queries, "n_queries"), (eot_iter, "eot_iter")):
+    for value, name in ((n_iter, "n_iter"), (n_queries, "n_queries"), (eot_iter, "eot_iter"),
+                        (n_target_classes, "n_target_classes")):
         if value is not None:
             check_positive_int(value, name)
 
@@ -118,8 +120,8 @@ def autoattack(model: Model, x: torch.Tensor, y: torch.Tensor, *, eps: float, no
                                attacks=list(attacks) if attacks is not None else None, seed=seed,
                                device=x.device)
         adversary.verbose = verbose
-        adversary.apgd_targeted.n_target_classes = min(adversary.apgd_targeted.n_target_classes, n_classes - 1)
-        adversary.fab.n_target_classes = min(adversary.fab.n_target_classes, n_classes - 1)
+        targets = min(n_target_classes or adversary.apgd_targeted.n_target_classes, n_classes - 1)
+        adversary.apgd_targeted.n_target_classes = adversary.fab.n_target_classes = targets
         if n_iter is not None:
             _set_iterations(adversary.apgd, n_iter)
             _set_iterations(adversary.apgd_targeted, n_iter)

@@ -42,7 +42,8 @@ DRY_RUN_FEW = 2        # figure rows, examples, step counts, EOT draws, sweep en
 
 # One rule per kind of setting, matched on the setting's key (first match wins); every other value is kept, so a
 # dry run has the profile's datasets, architectures, image sizes, kinds of attack (with their own eps) and code paths.
-# AutoAttack's parameter sets (the mappings with a `version`) also get n_iter and n_queries = DRY_RUN_FEW.
+# AutoAttack's parameter sets (the mappings with a `version`) also get n_iter, n_queries and n_target_classes =
+# DRY_RUN_FEW (its targeted APGD and FAB otherwise cycle through 9 target classes).
 #   key pattern                                                  -> dry-run value
 _DRY_RUN_RULES: tuple[tuple[str, str], ...] = (
     (r"batch_size|eval_batch_size|.*image_size|patch_size",      "keep"),      # batch and model shapes
@@ -84,22 +85,32 @@ def dry_run(profile: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `profile` capped to a minimum, as PyTorch Lightning's fast_dev_run: every training subset
     DRY_RUN_TRAIN images and every other DRY_RUN_SIZE, every epoch count 1, every step, iteration, EOT and figure
     count at most DRY_RUN_FEW, every sweep its first DRY_RUN_FEW entries, every attack list one entry per kind of
-    attack (rules in _DRY_RUN_RULES, by key); AutoAttack DRY_RUN_FEW iterations and queries. A notebook section's
-    `dry_run` mapping replaces its settings before the caps: the few levels of a strength grid that its tables look
-    up, where a rule by key cannot know which ones. Everything else is kept (eps grids of curves too), so the dry
-    run exercises the profile's datasets, models and code paths in minutes. Values keep their types (None, meaning
+    attack (rules in _DRY_RUN_RULES, by key); AutoAttack DRY_RUN_FEW iterations, queries and target classes. A
+    notebook section's `dry_run` mapping replaces its settings before the caps (nested mappings key by key): the few
+    levels of a strength grid that its tables look up, where a rule by key cannot know which ones. Everything else
+    is kept (eps grids of curves too), so the dry run exercises the profile's datasets, models and code paths in
+    minutes. Values keep their types (None, meaning
     "all", becomes an int). Trained models are cached under their configuration, which the caps change (subset
     digests, epochs), so a dry run never writes an entry a full run would load."""
     if is_dry_run(profile):
         return copy.deepcopy(dict(profile))
     profile = copy.deepcopy(dict(profile))
     for section in profile["notebooks"].values():
-        section.update(section.pop(DRY_RUN_KEY, None) or {})
+        _merge(section, section.pop(DRY_RUN_KEY, None) or {})
     capped = _cap(profile, None)
     capped.update(name=dry_run_name(profile["name"]), dry_run=True,
                   description=f"DRY RUN of {profile['name']} (capped to a minimum; not results): "
                               f"{profile.get('description', '')}")
     return capped
+
+
+def _merge(settings: dict[str, Any], replaced: Mapping[str, Any]) -> None:
+    """Put `replaced` into `settings` in place: nested mappings key by key, any other value whole."""
+    for key, value in replaced.items():
+        if isinstance(value, Mapping) and isinstance(settings.get(key), dict):
+            _merge(settings[key], value)
+        else:
+            settings[key] = copy.deepcopy(value)
 
 
 def _rule(key: str | None) -> str:
@@ -120,7 +131,7 @@ def _cap(node: Any, key: str | None) -> Any:
     rule = _rule(key)
     if isinstance(node, dict):
         if "version" in node:  # AutoAttack's parameters: its own budgets, left to the official ones in profiles
-            node = {**node, "n_iter": DRY_RUN_FEW, "n_queries": DRY_RUN_FEW}
+            node = {**node, "n_iter": DRY_RUN_FEW, "n_queries": DRY_RUN_FEW, "n_target_classes": DRY_RUN_FEW}
         return {k: _cap(v, str(k)) for k, v in node.items()}
     if isinstance(node, list):
         if rule == "first_few":

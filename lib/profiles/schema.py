@@ -21,8 +21,8 @@ TOP_LEVEL: dict[str, tuple[str, ...]] = {
     "eval_batch_size": (_INT,), "notebook_timeout_s": (_NUMBER, _NONE), "datasets": (_MAP,), "notebooks": (_MAP,),
     "dry_run": (_BOOL,), "purify_batch_sizes": (_MAP,),
 }
-# in a notebook section: settings a dry run uses instead of the section's own (lib.profiles.dry_run; a full run
-# ignores them)
+# in a notebook section: settings a dry run uses instead of the section's own, nested mappings key by key
+# (lib.profiles.dry_run; a full run ignores them)
 DRY_RUN_KEY = "dry_run"
 REQUIRED = ("name", "seed", "datasets", "notebooks")
 # lib.train.trained_classifier's roles -> the dataset section's key that holds each role's classifier spec
@@ -64,13 +64,25 @@ def check_profile(profile: Any, source: str | Path) -> None:
 
 
 def _check_dry_run_settings(section: Mapping[str, Any], where: str, path: str) -> None:
-    """A section's DRY_RUN_KEY mapping may only replace settings the section has (a misspelt key would add one)."""
+    """A section's DRY_RUN_KEY mapping may only replace settings the section has, at any depth (a misspelt key
+    would add one)."""
     replaced = section.get(DRY_RUN_KEY, {})
     if not isinstance(replaced, Mapping):
         raise ValueError(f"{where}: {path}.dry_run must be a mapping of the section's settings, got {replaced!r}")
-    unknown = sorted(str(k) for k in replaced if k not in section or k == DRY_RUN_KEY)
+    unknown = _unknown_keys(replaced, {k: v for k, v in section.items() if k != DRY_RUN_KEY})
     if unknown:
         raise ValueError(f"{where}: {path}.dry_run replaces {', '.join(unknown)}, which the section does not set")
+
+
+def _unknown_keys(replaced: Mapping[str, Any], settings: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of `replaced` that `settings` lacks (nested mappings are compared key by key)."""
+    unknown = []
+    for key, value in replaced.items():
+        if key not in settings:
+            unknown.append(f"{prefix}{key}")
+        elif isinstance(value, Mapping) and isinstance(settings[key], Mapping):
+            unknown += _unknown_keys(value, settings[key], f"{prefix}{key}.")
+    return sorted(unknown)
 
 
 def _check_section(section: Any, schema: Mapping[str, tuple[str, ...]], where: str, path: str) -> None:

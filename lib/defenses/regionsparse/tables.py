@@ -499,10 +499,10 @@ def activation_figures(study: Study) -> pd.DataFrame:
 
 def cam_figures(study: Study) -> pd.DataFrame:
     """Fig. 3: class activation maps of benign, MI-FGSM (ablation d) and RegionSparse(adversarial) images, and the
-    mean IoU of each map with the benign one over the evaluation set."""
-    n_ex = study.config["cam_examples"]
+    mean IoU of each map with the benign one over the evaluation set (as many example rows as it has images)."""
 
     def run(case: Case) -> list[dict]:
+        n_ex = min(study.config["cam_examples"], len(case.x))
         key = next(k for k in case.results["sets"] if k[0] == "MI-FGSM" and abs(k[1] - study.config["ablation"]["l2"]) < 1e-9)
         images = {"benign": case.x, "adversarial": case.results["sets"][key],
                   "RegionSparse(adversarial)": case.results["purified"][RS][1][key]}
