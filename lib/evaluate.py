@@ -14,6 +14,7 @@ import hashlib
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, is_dataclass
+from statistics import NormalDist
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
@@ -127,6 +128,22 @@ def accuracy(model: Model, x: torch.Tensor, y: torch.Tensor, batch_size: int = 5
     check_images(x)
     check_labels(y, len(x))
     return 100.0 * float((predict(model, x, batch_size, device) == y.cpu()).float().mean())
+
+
+def accuracy_interval(accuracy_pct: Any, n: Any, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """(low, high) in % of the Wilson score interval of accuracies measured on n images: how far sampling alone
+    moves an accuracy, so a published number can be judged against ours (scalars, arrays or Series; NaN stays NaN)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must lie in (0, 1), got {level}")
+    p, n = np.asarray(accuracy_pct, dtype=float) / 100.0, np.asarray(n, dtype=float)
+    if np.any(n <= 0):
+        raise ValueError("n (images measured) must be positive")
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError("accuracies must lie in [0, 100] %")
+    z2 = NormalDist().inv_cdf(0.5 + level / 2.0) ** 2
+    centre, half = p + z2 / (2 * n), np.sqrt(z2 * (p * (1 - p) / n + z2 / (4 * n ** 2)))
+    scale = 100.0 / (1 + z2 / n)
+    return np.clip(scale * (centre - half), 0.0, 100.0), np.clip(scale * (centre + half), 0.0, 100.0)
 
 
 def perturbation_norms(x: torch.Tensor, x_adv: torch.Tensor) -> dict[str, float]:

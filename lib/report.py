@@ -50,6 +50,11 @@ def to_markdown(df: pd.DataFrame, floatfmt: str = ".2f") -> str:
     return df.astype(object).where(df.notna(), None).to_markdown(index=False, floatfmt=floatfmt, missingval="–")
 
 
+# name suffix of a table that shows a second reading of a setting the paper leaves open (notebook 04's DeepFool / CW):
+# shown beside the chosen one, never counted as a comparison with the paper (lib.reproduction)
+OTHER_READING = "_other_reading"
+
+
 def save_table(df: pd.DataFrame, name: str, out_dir: Path, *, caption: str | None = None,
                floatfmt: str = ".2f") -> tuple[Path, Path]:
     """Write tables/<name>.csv and tables/<name>.md (with an optional caption line)."""

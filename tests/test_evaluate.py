@@ -1,11 +1,13 @@
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from lib import cache
 from lib.defenses.base import Defense, NoDefense
 from lib.attacks import attack_surface
-from lib.evaluate import (AttackSpec, accuracy, adversarial_set, attack_specs, attacked_digest, evaluate_threats,
-                          perturbation_norms)
+from lib.evaluate import (AttackSpec, accuracy, accuracy_interval, adversarial_set, attack_specs, attacked_digest,
+                          evaluate_threats, perturbation_norms)
 
 
 class BitDepth(Defense):
@@ -223,3 +225,30 @@ def test_ensemble_accuracy_is_the_per_example_worst_case(monkeypatch):
     assert examples.groupby("attack").correct.mean().eq(0.5).all() and examples.clean_correct.all()
     assert examples[~examples.correct].linf.eq(1.0).all() and examples[examples.correct].l2.eq(0.0).all()
     assert ensemble_accuracy(examples).loc[("none", "gray")] == 0.0       # where the lowest single attack gives 50%
+
+
+def test_accuracy_interval_is_the_wilson_score_interval():
+    from scipy.stats import binomtest   # independent reference (statsmodels is not a dependency)
+
+    n, correct = 64, np.array([1, 13, 32, 60])
+    low, high = accuracy_interval(pd.Series(100 * correct / n), n)
+    for k, lo, hi in zip(correct, low, high):
+        ref = binomtest(int(k), n).proportion_ci(confidence_level=0.95, method="wilson")
+        assert (lo, hi) == pytest.approx((100 * ref.low, 100 * ref.high))
+    ref90 = binomtest(13, n).proportion_ci(confidence_level=0.9, method="wilson")
+    assert accuracy_interval(100 * 13 / n, n, level=0.9) == pytest.approx((100 * ref90.low, 100 * ref90.high))
+    assert accuracy_interval(50.0, 100) == pytest.approx((40.3832, 59.6168), abs=1e-4)   # textbook value
+    # n per cell, and NaN (no accuracy) stays NaN
+    low, high = accuracy_interval(np.array([50.0, 50.0, np.nan]), np.array([100, 1000, 100]))
+    assert high[0] - low[0] > high[1] - low[1] and np.isnan(low[2]) and np.isnan(high[2])
+
+
+def test_accuracy_interval_at_0_and_100_percent_stays_in_range_and_is_one_sided():
+    z2 = 1.959963984540054 ** 2
+    low, high = accuracy_interval([0.0, 100.0], 64)
+    assert low[0] == 0.0 and high[0] == pytest.approx(100 * z2 / (64 + z2))
+    assert high[1] == 100.0 and low[1] == pytest.approx(100 * 64 / (64 + z2))
+    for bad in ({"accuracy_pct": 101.0, "n": 10}, {"accuracy_pct": 50.0, "n": 0},
+                {"accuracy_pct": 50.0, "n": 10, "level": 1.0}):
+        with pytest.raises(ValueError):
+            accuracy_interval(**bad)
