@@ -14,6 +14,10 @@ in this run or never finished are listed in the report with the reason.
 
 Each headline claim of lib/reference/headline_claims.csv (its `table` is a glob over table names, one verdict per
 match) is evaluated on our numbers and, as a control, on the paper's, on both kinds of table (a column says which).
+A verdict per paper sums up its claims on our numbers: holds, does not hold, or cannot be tested here.
+
+Tables that carry our 95% interval (`paper in interval`, e.g. notebook 04's) also give the share of like-for-like
+cells whose paper number lies inside it (`share_in_interval`).
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ CLAIMS_FILE = Path(__file__).resolve().parent / "reference" / "headline_claims.c
 NOTEBOOK_PAPERS = {"01_sfm_defense": "sfm", "02_idfr": "idfr", "03_regionsparse": "regionsparse",
                    "04_image_reconstruction": "reconstruction", "05_attack_invariant_arn": "arn"}
 CLOSE = 5.0  # points: a cell "agrees" when |ours - paper| is at most this
+IN_INTERVAL = "paper in interval"  # bool column: the paper's number lies in our 95% interval (empty: no paper number)
 LIKE_FOR_LIKE, STAND_IN = "like for like", "stand-in"
 REPORT_FILE = "REPORT.md"
 
@@ -80,7 +85,8 @@ def notebook_states(profile: str, run_id: str | None = None,
 
 def comparison_tables(profile: str, run_id: str | None = None) -> dict[tuple[str, str], pd.DataFrame]:
     """{(notebook, table name): table} for every saved table with `ours` and a paper column, from the notebooks
-    whose state in `notebook_states(profile, run_id)` is `read`.
+    whose state in `notebook_states(profile, run_id)` is `read`; a table of the other reading of an open setting
+    (name ending in report.OTHER_READING) is shown in its notebook but is no comparison.
 
     The paper column is renamed `paper`; table.attrs keeps its original name (`paper_column`) and the kind of
     comparison (`kind`: LIKE_FOR_LIKE or STAND_IN). A table with several paper columns gives one comparison per
@@ -91,6 +97,8 @@ def comparison_tables(profile: str, run_id: str | None = None) -> dict[tuple[str
     found = {}
     for notebook in states.loc[states["state"] == "read", "notebook"]:
         for path in sorted((root / notebook / "tables").glob("*.csv")):
+            if path.stem.endswith(report.OTHER_READING):
+                continue
             table = pd.read_csv(path)
             columns = paper_columns(table)
             if "ours" not in table.columns:
@@ -120,23 +128,39 @@ def _counts(table: pd.DataFrame) -> dict[str, int]:
             "paper_only": int((paper.notna() & ours.isna()).sum())}
 
 
+def _interval_flags(table: pd.DataFrame) -> pd.Series:
+    """`paper in interval` of the compared cells as True/False (unknown ones dropped); a CSV round trip leaves
+    bools, "True"/"False" strings or NaN, so the column is parsed from its text."""
+    text = table[IN_INTERVAL][_cells(table)[2]].astype(str).str.strip().str.lower()
+    return text.map({"true": True, "1": True, "1.0": True, "false": False, "0": False, "0.0": False}).dropna()
+
+
+def _share_in_interval(frames: list[pd.DataFrame]) -> float:
+    """Share of compared cells whose paper number lies in our 95% interval, over the tables of `frames` with the
+    column; NaN when none has it (or none of their compared cells has a flag)."""
+    flags = [_interval_flags(t) for t in frames if IN_INTERVAL in t.columns]
+    known = pd.concat(flags) if flags else pd.Series(dtype=bool)
+    return float(known.astype(bool).mean()) if len(known) else np.nan
+
+
 def _gaps(frames: list[pd.DataFrame]) -> dict[str, float]:
-    """Mean and max |ours - paper| and the share within CLOSE points, over the cells of all `frames`."""
+    """Mean and max |ours - paper|, the share within CLOSE points and the share in our 95% interval, over the cells
+    of all `frames`."""
     gap = pd.concat([(o[b] - p[b]).abs() for o, p, b in map(_cells, frames)] or [pd.Series(dtype=float)])
     if not len(gap):
-        return {"mean_abs_diff": np.nan, "max_abs_diff": np.nan, "share_within_5": np.nan}
+        return {"mean_abs_diff": np.nan, "max_abs_diff": np.nan, "share_within_5": np.nan, "share_in_interval": np.nan}
     return {"mean_abs_diff": float(gap.mean()), "max_abs_diff": float(gap.max()),
-            "share_within_5": float((gap <= CLOSE).mean())}
+            "share_within_5": float((gap <= CLOSE).mean()), "share_in_interval": _share_in_interval(frames)}
 
 
 def agreement(table: pd.DataFrame) -> dict[str, float | int | str]:
     """Cells compared, reproduced-only / paper-only cells, mean and max |ours - paper|, share within CLOSE points
-    (for a like-for-like table; a stand-in's gaps are no measure of agreement)."""
+    and share in our 95% interval (for a like-for-like table; a stand-in's gaps are no measure of agreement)."""
     return {"paper_column": table.attrs.get("paper_column", "paper"), **_counts(table), **_gaps([table])}
 
 
 AGREEMENT_COLUMNS = ["paper", "notebook", "table", "paper_column", "cells_compared", "ours_only", "paper_only",
-                     "mean_abs_diff", "max_abs_diff", "share_within_5"]
+                     "mean_abs_diff", "max_abs_diff", "share_within_5", "share_in_interval"]
 STAND_IN_COLUMNS = ["paper", "notebook", "table", "paper_column", "cells_compared", "ours_only", "paper_only"]
 
 
@@ -157,7 +181,7 @@ def overall_agreement(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFra
              **{k: sum(_counts(t)[k] for t in frames) for k in ("cells_compared", "ours_only", "paper_only")},
              **_gaps(frames)} for paper, frames in groups.items()]
     return pd.DataFrame(rows, columns=["paper", "tables", "cells_compared", "ours_only", "paper_only",
-                                       "mean_abs_diff", "max_abs_diff", "share_within_5"])
+                                       "mean_abs_diff", "max_abs_diff", "share_within_5", "share_in_interval"])
 
 
 def stand_in_summary(tables: dict[tuple[str, str], pd.DataFrame]) -> pd.DataFrame:
@@ -241,6 +265,39 @@ def check_claims(tables: dict[tuple[str, str], pd.DataFrame], claims: pd.DataFra
                                        "paper_detail"])
 
 
+VERDICT_COLUMNS = ["paper", "verdict", "claims_measured", "claims_holding", "claims_failing", "basis",
+                   "cells_compared", "share_within_5", "share_in_interval", "detail"]
+
+
+def _basis(kinds: set[str]) -> str:
+    """What the measured claims of a paper were tested on: like for like, stand-ins only, or both."""
+    if kinds == {LIKE_FOR_LIKE}:
+        return LIKE_FOR_LIKE
+    return "stand-in (another dataset/model)" if kinds == {STAND_IN} else "mixed"
+
+
+def paper_verdicts(claims: pd.DataFrame, overall: pd.DataFrame) -> pd.DataFrame:
+    """One row per paper (all of NOTEBOOK_PAPERS, in series order): whether its headline claims hold on our numbers
+    (`check_claims` rows; a claim fails when any of its measured tables fails), on what basis, beside the paper's
+    like-for-like agreement from `overall_agreement`, so that a verdict is never read without its scale."""
+    agree = overall.set_index("paper")
+    rows = []
+    for paper in NOTEBOOK_PAPERS.values():
+        measured = claims[(claims["paper"] == paper) & claims["ours"].isin(["holds", "fails"])]
+        failing = measured[measured["ours"] == "fails"].groupby("claim", sort=False)["table"].agg(", ".join)
+        n_measured = measured["claim"].nunique()
+        verdict = "cannot be tested here" if not n_measured else "does not hold" if len(failing) else "holds"
+        row = agree.loc[paper] if paper in agree.index else {}
+        rows.append({"paper": paper, "verdict": verdict, "claims_measured": n_measured,
+                     "claims_holding": n_measured - len(failing), "claims_failing": len(failing),
+                     "basis": _basis(set(measured["comparison"])) if len(measured) else "",
+                     "cells_compared": int(row.get("cells_compared", 0)),
+                     "share_within_5": row.get("share_within_5", np.nan),
+                     "share_in_interval": row.get("share_in_interval", np.nan),
+                     "detail": "; ".join(f"{claim} ({tables})" for claim, tables in failing.items())})
+    return pd.DataFrame(rows, columns=VERDICT_COLUMNS)
+
+
 def recorded_skips(profile: str, states: pd.DataFrame) -> pd.DataFrame:
     """The parts the notebooks of this run recorded as skipped (read or failed notebooks), with the reasons."""
     ran = states.loc[states["state"] != "not run", "notebook"]
@@ -270,6 +327,7 @@ class Report:
     """The pieces of REPORT.md, for display: each a table, plus the Markdown text and where it was written."""
 
     notebooks: pd.DataFrame
+    verdicts: pd.DataFrame
     overall: pd.DataFrame
     agreement: pd.DataFrame
     stand_ins: pd.DataFrame
@@ -288,21 +346,32 @@ def _section(title: str, table: pd.DataFrame, empty: str, note: str = "") -> lis
 def report_markdown(profile: str, summary: pd.DataFrame, claims: pd.DataFrame, missing: pd.DataFrame, *,
                     overall: pd.DataFrame | None = None, stand_ins: pd.DataFrame | None = None,
                     notebooks: pd.DataFrame | None = None, skips: pd.DataFrame | None = None,
-                    sanity: pd.DataFrame | None = None, run_id: str | None = None) -> str:
-    """REPORT.md: which notebooks were read, agreement over like-for-like tables, the stand-in comparisons apart,
-    claims, what was not reproduced, and the skips the notebooks recorded."""
+                    sanity: pd.DataFrame | None = None, verdicts: pd.DataFrame | None = None,
+                    run_id: str | None = None) -> str:
+    """REPORT.md: which notebooks were read, a verdict per paper, agreement over like-for-like tables, the stand-in
+    comparisons apart, claims, what was not reproduced, and the skips the notebooks recorded."""
     run = f"run `{run_id}`" if run_id else "the latest finished run of each notebook"
     banner = dry_run_banner(profile)
     parts = [f"# Reproduction report ({profile} profile)\n", *([banner + "\n"] if banner else []),
              (f"Generated by notebooks/10_reproduction_report.ipynb from the tables written by {run}; the papers' "
              "numbers come from lib/reference/. Agreement counts like-for-like cells only (our run used the paper's "
              f"dataset, model and budget); `share_within_5` is the share of them where |ours - paper| <= {CLOSE:g} "
-             "points. Comparisons on another dataset, model or budget are listed apart and are not agreement.")]
+             "points, and `share_in_interval` the share, over tables that carry our 95% interval, where the paper's "
+             "number lies inside that interval (– when no table carries one). Comparisons on another dataset, "
+             "model or budget are listed apart and are not agreement.")]
     if notebooks is not None:
         unread = notebooks[notebooks["state"] != "read"]
         parts += _section("Paper notebooks not read", unread[["notebook", "state", "reason"]],
                           "_every paper notebook finished ok in this run_",
                           "Their tables (if any are left from earlier runs) are not part of this report.")
+    if verdicts is not None:
+        parts += _section("Verdict per paper", verdicts, "_no papers_",
+                          "Computed from this run's tables against lib/reference/headline_claims.csv, on our numbers: "
+                          "`holds` when every measured claim holds, `does not hold` when any fails (`detail` names "
+                          "them and their tables). `cannot be tested here` means no table of its claims was measured "
+                          "(dataset not on this machine, notebook not run or failed). A claim tested on a stand-in "
+                          "dataset or model (`basis`) is a verdict at this profile's scale, never agreement with the "
+                          "paper; the paper's like-for-like agreement stands beside it.")
     if overall is not None:
         parts += _section("Agreement overall (like-for-like cells)", overall, "_no like-for-like cells_")
     parts += _section("Agreement per table (like for like)", summary, "_no like-for-like comparison tables found_")
@@ -337,7 +406,9 @@ def write_report(profile: str, out: Path | None = None, *, run_id: str | None = 
               "claims": check_claims(tables, load_claims() if claims is None else claims),
               "missing": not_reproduced(tables), "skips": recorded_skips(profile, states),
               "sanity": benchmark_sanity(profile, run_id)}
+    pieces["verdicts"] = paper_verdicts(pieces["claims"], pieces["overall"])
     captions = {"notebooks": "Paper notebooks and whether this report reads their tables",
+                "verdicts": "Verdict per paper: its headline claims on our numbers, beside its agreement",
                 "overall": "Agreement over like-for-like cells, per paper and overall",
                 "agreement": "Ours vs paper, per like-for-like table",
                 "stand_ins": "Stand-in comparisons (another dataset/model/budget): not agreement",
@@ -345,13 +416,13 @@ def write_report(profile: str, out: Path | None = None, *, run_id: str | None = 
                 "missing": "Paper cells without a number of ours", "skips": "Skips recorded by the notebooks",
                 "sanity": "Benchmark sanity checks that warn"}
     names = {"agreement": "agreement", "missing": "not_reproduced", "stand_ins": "stand_in_comparisons",
-             "sanity": "benchmark_sanity_warnings"}
+             "sanity": "benchmark_sanity_warnings", "verdicts": "paper_verdicts"}
     if out is not None:
         for key, table in pieces.items():
             report.save_table(table, names.get(key, key), out, caption=captions[key])
     text = report_markdown(profile, pieces["agreement"], pieces["claims"], pieces["missing"],
                            overall=pieces["overall"], stand_ins=pieces["stand_ins"], notebooks=states,
-                           skips=pieces["skips"], sanity=pieces["sanity"], run_id=run_id)
+                           skips=pieces["skips"], sanity=pieces["sanity"], verdicts=pieces["verdicts"], run_id=run_id)
     path = report.results_root() / profile / REPORT_FILE
     atomic_write_text(text, path)
     return Report(**pieces, markdown=text, path=path)

@@ -2,7 +2,7 @@
 import pandas as pd
 import pytest
 
-from lib import reproduction, runner
+from lib import report, reproduction, runner
 from lib.reference import beside_paper
 
 RUN = "20250101T000000Z-1"
@@ -89,6 +89,9 @@ def test_tables_of_failed_or_other_runs_are_not_read(results, monkeypatch):
     assert all(nb in unread for nb in ("02_idfr", "03_regionsparse", "04_image_reconstruction", "05_attack"))
     assert "deliberate" in unread and "01_sfm_defense" not in unread
 
+    _write_table(results, "01_sfm_defense", f"t_vs_paper{report.OTHER_READING}", table)   # shown, never counted
+    assert set(reproduction.comparison_tables("smoke")) == {("01_sfm_defense", "t_vs_paper")}
+
     monkeypatch.delenv("ADV_RUN_ID")                                           # interactive: latest finished runs
     assert set(reproduction.comparison_tables("smoke")) == {("01_sfm_defense", "t_vs_paper"),
                                                             ("03_regionsparse", "t_vs_paper")}
@@ -148,3 +151,81 @@ def test_report_lists_the_benchmark_sanity_warnings_of_this_run(results):
     assert list(rep.sanity["defense"]) == ["tvm"]
     section = rep.markdown.split("## Benchmark sanity checks that warn (notebook 09)")[1].split("\n## ")[0]
     assert "tvm" in section and "randomised: EOT needed" in section and "jpeg" not in section
+
+
+def _claim(paper, claim, table, better, worse):
+    return {"paper": paper, "claim": claim, "table": table, "key": "defense", "better": better, "worse": worse,
+            "higher_is_better": "true", "filter": "", "match_on": "attack"}
+
+
+def test_a_verdict_per_paper_from_its_claims_on_our_numbers(results):
+    like = pd.DataFrame({"defense": ["Ours", "FS", "Ours", "FS"], "attack": ["PGD", "PGD", "CW", "CW"],
+                         "ours": [60.0, 40.0, 55.0, 20.0], "paper": [70.0, 50.0, 65.0, 45.0]})
+    _write_table(results, "01_sfm_defense", "gray_box_mnist_vs_paper", like.assign(diff=like.ours - like.paper))
+    stand_in = pd.DataFrame({"defense": ["Our Method", "Feature Squeezing", "Adversarial FGSM"] * 2,
+                             "attack": ["PGD"] * 3 + ["CW"] * 3, "ours": [50.0, 40.0, 30.0, 20.0, 35.0, 10.0],
+                             "paper (CIFAR10; ours digits)": [80.0, 60.0, 50.0, 70.0, 50.0, 40.0]})
+    _write_table(results, "04_image_reconstruction", "table4_comparison_a", stand_in)       # loses to FS under CW
+    holds = stand_in.assign(ours=[50.0, 40.0, 30.0] * 2)
+    _write_table(results, "04_image_reconstruction", "table4_comparison_b", holds)
+    for notebook in ("01_sfm_defense", "04_image_reconstruction"):
+        _finish(results, notebook)
+    claims = pd.DataFrame([_claim("sfm", "Ours beats FS", "gray_box_*_vs_paper", "Ours", "FS"),
+                           _claim("sfm", "Ours beats Vanilla", "gray_box_*_vs_paper", "Ours", "Vanilla"),  # no rows
+                           _claim("reconstruction", "Ours beats FS", "table4_comparison_*", "Our Method",
+                                  "Feature Squeezing"),
+                           _claim("reconstruction", "Ours beats FGSM AT", "table4_comparison_*", "Our Method",
+                                  "Adversarial FGSM"),
+                           _claim("arn", "ARN beats HGD", "table1_*", "ARN_PP", "HGD_PP")])       # 05 not run
+
+    rep = reproduction.write_report("smoke", results / "smoke" / "10_reproduction_report", run_id=RUN, claims=claims)
+
+    verdicts = rep.verdicts.set_index("paper")
+    assert list(verdicts.index) == ["sfm", "idfr", "regionsparse", "reconstruction", "arn"]
+    assert dict(verdicts["verdict"]) == {"sfm": "holds", "idfr": "cannot be tested here",
+                                         "regionsparse": "cannot be tested here", "reconstruction": "does not hold",
+                                         "arn": "cannot be tested here"}
+    counts = ["claims_measured", "claims_holding", "claims_failing"]
+    assert verdicts.loc["sfm", counts].tolist() == [1, 1, 0] and verdicts.loc["sfm", "basis"] == "like for like"
+    assert verdicts.loc["reconstruction", counts].tolist() == [2, 1, 1]
+    assert verdicts.loc["reconstruction", "basis"] == "stand-in (another dataset/model)"
+    assert verdicts.loc["reconstruction", "detail"] == "Ours beats FS (table4_comparison_a)"
+    assert verdicts.loc["arn", counts].tolist() == [0, 0, 0] and verdicts.loc["arn", "basis"] == ""
+    assert verdicts.loc["sfm", "cells_compared"] == 4 and verdicts.loc["sfm", "share_within_5"] == 0.0
+    assert verdicts.loc["reconstruction", "cells_compared"] == 0                  # stand-ins are no agreement
+    saved = pd.read_csv(results / "smoke" / "10_reproduction_report" / "tables" / "paper_verdicts.csv")
+    assert saved["verdict"].tolist() == rep.verdicts["verdict"].tolist()
+
+    text = rep.markdown
+    assert text.index("## Paper notebooks not read") < text.index("## Verdict per paper") < text.index("## Agreement")
+    section = text.split("## Verdict per paper")[1].split("\n## ")[0]
+    assert "headline_claims.csv" in section and "cannot be tested here" in section and "never agreement" in section
+    assert report.to_markdown(rep.verdicts) in section
+
+    mixed = rep.claims.assign(ours="holds", comparison=[reproduction.LIKE_FOR_LIKE] + [reproduction.STAND_IN] * 6)
+    assert reproduction.paper_verdicts(mixed, rep.overall).set_index("paper").loc["sfm", "basis"] == "mixed"
+
+
+def test_share_in_interval_counts_compared_cells_of_tables_with_the_column(results):
+    interval = pd.DataFrame({"attack": ["PGD", "CW", "FGSM", "DeepFool"], "ours": [50.0, 60.0, 70.0, None],
+                             "paper": [52.0, 61.0, 90.0, 40.0], "ours 95% low": [45.0, 55.0, 65.0, None],
+                             "ours 95% high": [55.0, 65.0, 75.0, None],
+                             "paper in interval": [True, True, False, None]})           # empty: no number of ours
+    interval["diff"] = interval.ours - interval.paper
+    _write_table(results, "04_image_reconstruction", "table1_mnist", interval)
+    plain = pd.DataFrame({"attack": ["PGD"], "ours": [50.0], "paper": [51.0], "diff": [-1.0]})
+    _write_table(results, "01_sfm_defense", "t_vs_paper", plain)
+    for notebook in ("01_sfm_defense", "04_image_reconstruction"):
+        _finish(results, notebook)
+
+    tables = reproduction.comparison_tables("smoke", run_id=RUN)
+    assert tables[("04_image_reconstruction", "table1_mnist")]["paper in interval"].dtype == object   # CSV round trip
+    per_table = reproduction.agreement_summary(tables).set_index("table")
+    assert per_table.loc["table1_mnist", "cells_compared"] == 3
+    assert per_table.loc["table1_mnist", "share_in_interval"] == pytest.approx(2 / 3)
+    assert pd.isna(per_table.loc["t_vs_paper", "share_in_interval"])
+    overall = reproduction.overall_agreement(tables).set_index("paper")
+    assert overall.loc["reconstruction", "share_in_interval"] == pytest.approx(2 / 3)
+    assert pd.isna(overall.loc["sfm", "share_in_interval"])
+    assert overall.loc["all", "share_in_interval"] == pytest.approx(2 / 3)      # over the tables with the column
+    assert "share_in_interval" in reproduction.write_report("smoke", run_id=RUN).markdown.split("\n## ")[0]
