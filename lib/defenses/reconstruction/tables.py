@@ -34,7 +34,7 @@ from lib.defenses.squeeze import BitDepthReduction, MedianFilter
 from lib.evaluate import AttackSpec, accuracy, accuracy_interval, adversarial_set, predict
 from lib.notebook import Run
 from lib.reference import beside_paper, load_reference
-from lib.reproduction import CLOSE
+from lib.reproduction import CLOSE, IN_INTERVAL
 from lib.train import TrainConfig
 
 PAPER_ID = "reconstruction"
@@ -304,7 +304,7 @@ def with_interval(table: pd.DataFrame, n: int) -> pd.DataFrame:
     low, high = accuracy_interval(table["ours"], n)
     paper = table["paper"] if "diff" in table.columns else pd.Series(np.nan, index=table.index)
     inside = [None if np.isnan(lo) or pd.isna(pv) else bool(lo <= pv <= hi) for lo, hi, pv in zip(low, high, paper)]
-    return table.assign(**{"ours 95% low": low, "ours 95% high": high, "paper in interval": inside})
+    return table.assign(**{"ours 95% low": low, "ours 95% high": high, IN_INTERVAL: inside})
 
 
 def paper_table(ours: pd.DataFrame, dataset: str, eps: float, reading: str, n: int) -> tuple[str, pd.DataFrame]:
@@ -521,7 +521,7 @@ def agreement_summary(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
         both = table.dropna(subset=["ours", "paper"]) if "diff" in table.columns else table.iloc[:0]
         if len(both):
             gap = both["diff"].abs()
-            inside = 100 * both["paper in interval"].astype(bool).mean() if "paper in interval" in both else np.nan
+            inside = 100 * both[IN_INTERVAL].astype(bool).mean() if IN_INTERVAL in both else np.nan
             rows.append({"table": label, "cells compared": len(both), "mean |diff| (points)": gap.mean(),
                          "max |diff| (points)": gap.max(), WITHIN: 100 * (gap <= CLOSE).mean(),
                          "paper in our 95% interval (%)": inside})
