@@ -279,6 +279,30 @@ def balanced_subset(y: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
     return chosen[torch.randperm(len(chosen), generator=g)]
 
 
+def _source(name: str, split: str, root: str | Path | None, download: bool | None
+            ) -> tuple[np.ndarray | list[Path], np.ndarray]:
+    """The split's decoded images (array datasets) or image files (folder datasets), with their labels."""
+    root = Path(root) if root is not None else data_root()
+    download = downloads_allowed() if download is None else download
+    if name == "digits":
+        return _load_digits(split)
+    if name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
+        load = _load_idx_dataset if name in ("mnist", "fashion_mnist") else _load_torchvision
+        with distributed.main_first() if download else contextlib.nullcontext():   # one rank downloads, others read
+            return load(name, split, root, download)
+    paths, labels, _ = _list_folder(name, root, split)
+    return paths, labels
+
+
+def split_size(name: str, split: str = "test", *, root: str | Path | None = None,
+               download: bool | None = None) -> int:
+    """How many images `split` of dataset `name` holds (a folder dataset's files are counted, not decoded)."""
+    dataset_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    return len(_source(name, split, root, download)[1])
+
+
 def load_dataset(name: str, split: str = "train", *, n: int | None = None, seed: int = 0,
                  image_size: int | None = None, channels: int | None = None,
                  root: str | Path | None = None, download: bool | None = None) -> ImageData:
@@ -295,16 +319,9 @@ def load_dataset(name: str, split: str = "train", *, n: int | None = None, seed:
     for value, param in ((n, "n"), (image_size, "image_size"), (channels, "channels")):
         if value is not None:
             check_positive_int(value, param)
-    root = Path(root) if root is not None else data_root()
-    download = downloads_allowed() if download is None else download
-    if name == "digits":
-        images, labels = _load_digits(split)
-    elif name in ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn"):
-        load = _load_idx_dataset if name in ("mnist", "fashion_mnist") else _load_torchvision
-        with distributed.main_first() if download else contextlib.nullcontext():   # one rank downloads, others read
-            images, labels = load(name, split, root, download)
-    else:
-        paths, labels, _ = _list_folder(name, root, split)
+    images, labels = _source(name, split, root, download)
+    if isinstance(images, list):    # a folder dataset: decode only the subset's files
+        paths = images
         if n is not None:
             keep = balanced_subset(torch.from_numpy(labels), n, seed).numpy()
             paths, labels, n = [paths[i] for i in keep], labels[keep], None

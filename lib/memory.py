@@ -7,16 +7,21 @@ notebook kernel is a separate process from the runner, so `watch` (called by lib
 or stopped: the file holds the peak up to the last finished cell).
 
 The paper-scale estimate (`paper_scale_estimate`) is deliberately simple. Evaluation and training stream their
-data in batches, so memory above the kernel's baseline (what it held when setup finished: libraries, CUDA
-context) grows with the images per batch, not with the size of a set. A dry run keeps the profile's batch sizes
-but caps every subset, so its batches hold at most min(batch size, cap) images. The estimate is
+data in batches, so what a cell allocates and frees while it runs (its working memory: activations, gradients,
+purifier buffers) grows with the images per batch, while what the kernel holds when the cell starts (libraries,
+models, kept sets) does not. The recorder therefore also keeps, per cell, the memory at its start and its peak
+(on the CPU the peak resident set is reset before each cell through /proc/self/clear_refs; on a GPU, CUDA's peak
+statistics). A dry run keeps the profile's batch sizes but caps every subset, so its batches hold at most
+min(batch size, cap) images. The estimate is
 
-    paper peak ~= baseline + (dry-run peak - baseline) x max over the profile's batch sizes b of b / min(b, cap)
+    paper peak ~= max over cells of  start + (cell peak - start) x growth,   growth = max over the profile's batch
+                                                                              sizes b of b / min(b, cap)
 
-i.e. everything above the baseline scaled by the largest factor by which any batch grows: an upper bound under
-the linear model. It does not cover memory proportional to whole sets that a notebook keeps (a dataset loaded
-as one tensor, adversarial sets kept for later tables), allocator fragmentation, or cuDNN workspaces that
-depend on the batch non-linearly.
+i.e. each cell's working memory scaled by the largest factor by which any batch grows (an upper bound under the
+linear model). Where the peak cannot be reset per cell (no /proc), a cell's peak is the kernel's so far and the
+estimate falls back to baseline + (peak - baseline) x growth. It does not cover memory proportional to whole sets
+that a notebook keeps (a dataset loaded as one tensor, adversarial sets kept for later tables), allocator
+fragmentation, or cuDNN workspaces that depend on the batch non-linearly.
 """
 from __future__ import annotations
 
@@ -52,6 +57,28 @@ def current_rss_bytes() -> int:
     return peak_rss_bytes()
 
 
+def current_peak_rss_bytes() -> int:
+    """This process's peak resident set since the last `reset_rss_peak` (VmHWM of /proc/self/status; getrusage's
+    peak where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def reset_rss_peak() -> bool:
+    """Reset this process's peak resident set to its current one (Linux: 5 to /proc/self/clear_refs); False where
+    that cannot be done."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
 def snapshot(device: torch.device) -> dict[str, Any]:
     """{"device": "cuda"|"cpu", "rss_peak_bytes", and on CUDA "cuda_peak_bytes" (max allocated since the last
     reset) and "cuda_now_bytes"}."""
@@ -63,7 +90,8 @@ def snapshot(device: torch.device) -> dict[str, Any]:
 
 
 class Recorder:
-    """Writes the kernel's peak memory to `out_dir`/memory.json: the baseline when created, the peak on `record`."""
+    """Writes the kernel's peak memory to `out_dir`/memory.json: the baseline when created, then after every cell
+    the peak so far and the cell's (start, peak) pair (`start_cell` before it, `record` after it)."""
 
     def __init__(self, out_dir: Path, device: torch.device):
         self.path = Path(out_dir) / MEMORY_FILE
@@ -71,14 +99,34 @@ class Recorder:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         now = snapshot(device)
-        self.baseline = {"baseline_bytes": now["cuda_now_bytes"] if device.type == "cuda" else current_rss_bytes()}
+        self.baseline = now["cuda_now_bytes"] if device.type == "cuda" else current_rss_bytes()
+        self.peak = self.baseline
+        self.cells: list[tuple[int, int]] = []
+        self.cell_start: int | None = None
         self.record()
 
+    def start_cell(self, *_: Any) -> None:
+        """Note the memory held now and reset the peak, so that `record` sees this cell's own peak (IPython calls
+        it before every cell with the cell's info, ignored)."""
+        if self.device.type == "cuda":
+            self.cell_start = int(torch.cuda.memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.cell_start = current_rss_bytes() if reset_rss_peak() else None
+
     def record(self, *_: Any) -> None:
-        """Write the peak so far (IPython calls it after every cell with the cell's result, ignored)."""
+        """Write the peak so far and this cell's (start, peak) (IPython calls it after every cell with the cell's
+        result, ignored)."""
         now = snapshot(self.device)
-        peak = now["cuda_peak_bytes"] if self.device.type == "cuda" else now["rss_peak_bytes"]
-        atomic_write_text(json.dumps({**now, **self.baseline, "peak_bytes": peak}), self.path)
+        cell_peak = now["cuda_peak_bytes"] if self.device.type == "cuda" else current_peak_rss_bytes()
+        self.peak = max(self.peak, cell_peak)
+        if self.cell_start is not None:
+            self.cells.append((self.cell_start, max(cell_peak, self.cell_start)))
+            self.cell_start = None
+        record = {**now, "baseline_bytes": self.baseline, "peak_bytes": self.peak, "cells": self.cells}
+        if self.device.type != "cuda":
+            record["rss_peak_bytes"] = self.peak   # getrusage's peak forgets what a reset cleared
+        atomic_write_text(json.dumps(record), self.path)
 
 
 def watch(out_dir: Path, device: torch.device) -> Recorder:
@@ -92,10 +140,12 @@ def watch(out_dir: Path, device: torch.device) -> Recorder:
     shell = get_ipython()
     if shell is not None:
         events = shell.events
-        for callback in list(events.callbacks["post_run_cell"]):
-            if isinstance(getattr(callback, "__self__", None), Recorder) and callback.__self__.path == recorder.path:
-                events.unregister("post_run_cell", callback)
-        events.register("post_run_cell", recorder.record)
+        for event, method in (("pre_run_cell", "start_cell"), ("post_run_cell", "record")):
+            for callback in list(events.callbacks[event]):
+                owner = getattr(callback, "__self__", None)
+                if isinstance(owner, Recorder) and owner.path == recorder.path:
+                    events.unregister(event, callback)
+            events.register(event, getattr(recorder, method))
     return recorder
 
 
@@ -133,17 +183,20 @@ def paper_scale_section(records: list[Mapping[str, Any]]) -> list[str]:
         return []
     kind = "CUDA allocated" if rows[0][1]["device"] == "cuda" else "host RSS (this dry run ran on the CPU)"
     lines = ["", "## Paper-scale memory estimate", "",
-             f"Peak {kind} at the profile's own batch sizes, estimated from this dry run as baseline + (dry-run peak "
-             "- baseline) x growth, where growth is the largest factor by which one of the notebook's batch sizes "
-             "exceeds the batch the dry run filled (lib.memory). Evaluation and training stream in batches, so this "
-             "is an upper bound under a linear model; it does not count sets a notebook keeps whole (datasets "
+             f"Peak {kind} at the profile's own batch sizes, estimated from this dry run as the largest over its "
+             "cells of start + (cell peak - start) x growth: what the kernel held when the cell started, plus the "
+             "memory the cell worked in scaled by growth, the largest factor by which one of the notebook's batch "
+             "sizes exceeds the batch the dry run filled (lib.memory). Evaluation and training stream in batches, so "
+             "this is an upper bound under a linear model; it does not count sets a notebook keeps whole (datasets "
              "loaded as one tensor, adversarial sets kept for later tables) or allocator fragmentation.", "",
-             f"| notebook | baseline | dry-run peak | growth | paper-scale estimate | fits in {GPU_LIMIT_BYTES // 10**9} GB |",
-             "|---|---|---|---|---|---|"]
+             "| notebook | baseline | dry-run peak | largest cell working memory | growth | paper-scale estimate | "
+             f"fits in {GPU_LIMIT_BYTES // 10**9} GB |",
+             "|---|---|---|---|---|---|---|"]
     for notebook, m in rows:
         fits = "yes" if m["paper_scale_bytes"] <= GPU_LIMIT_BYTES else "**NO**"
+        work = max((peak - start for start, peak in m.get("cells") or []), default=None)
         lines.append(f"| {notebook} | {gigabytes(m['baseline_bytes'])} | {gigabytes(m['peak_bytes'])} | "
-                     f"{m['growth']:.1f}x | {gigabytes(m['paper_scale_bytes'])} | {fits} |")
+                     f"{gigabytes(work)} | {m['growth']:.1f}x | {gigabytes(m['paper_scale_bytes'])} | {fits} |")
     return lines
 
 
@@ -180,9 +233,10 @@ def batch_growth(profile: Mapping[str, Any], notebook: str) -> float:
 
 
 def paper_scale_estimate(memory: Mapping[str, Any], growth: float) -> int:
-    """baseline + (peak - baseline) x growth, in bytes (the model in this module's docstring)."""
-    baseline = int(memory.get("baseline_bytes", 0))
-    return baseline + int(max(0, int(memory["peak_bytes"]) - baseline) * growth)
+    """max over cells of start + (peak - start) x growth, in bytes; baseline + (peak - baseline) x growth without
+    per-cell records (the model in this module's docstring)."""
+    cells = memory.get("cells") or [(int(memory.get("baseline_bytes", 0)), int(memory["peak_bytes"]))]
+    return max(start + int(max(0, peak - start) * growth) for start, peak in cells)
 
 
 def gigabytes(n: float | None) -> str:

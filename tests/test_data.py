@@ -130,6 +130,7 @@ def test_each_loader_reads_its_fixture(name, split, trusted):
     # each class has its own brightness in the fixture: the labels came through in the pixels' order
     brightness = torch.stack([d.x[d.y == c].mean() for c in classes])
     assert bool((brightness.diff() > 0).all()), brightness
+    assert data.split_size(name, split, root=trusted, download=False) == FIXTURE_SPLITS[split]
 
 
 def test_svhn_label_10_is_the_digit_0(trusted):

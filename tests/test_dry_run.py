@@ -204,11 +204,12 @@ def _dry_run_env(root: Path, monkeypatch, datasets: tuple[str, ...], weights: bo
 
 @pytest.fixture(scope="module")
 def paper_dry_run(tmp_path_factory):
-    """The runner's paper dry run over all notebooks on fixtures of every dataset and stand-in ImageNet weights."""
+    """The runner's paper dry run over all notebooks on fixtures of every dataset and stand-in ImageNet weights.
+    One notebook at a time: 01, 02, 03 and 05 each hold 12-13 GB at their peak (README: "Dry runs")."""
     root = tmp_path_factory.mktemp("paper_dry_run")
     with pytest.MonkeyPatch.context() as monkeypatch:
         results = _dry_run_env(root, monkeypatch, tuple(fixture.WRITERS), weights=True)
-        code = runner.main(["--profile", "paper", "--dry-run", *_only("paper")])
+        code = runner.main(["--profile", "paper", "--dry-run"])
     return code, results / "paper-dry-run"
 
 
@@ -218,36 +219,12 @@ def quick_dry_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("quick_dry_run")
     with pytest.MonkeyPatch.context() as monkeypatch:
         results = _dry_run_env(root, monkeypatch, ("mnist", "cifar10"), weights=False)
-        code = runner.main(["--profile", "quick", "--dry-run", *_only("quick")])
+        code = runner.main(["--profile", "quick", "--dry-run"])
     return code, results / "quick-dry-run"
 
 
 def _statuses(out: Path, books: list[Path]) -> dict[str, dict]:
     return {book.stem: runner.read_status(out / book.stem) for book in books}
-
-
-# CI runs each dry run over the notebooks of CI_DRY_RUN (None: all) on 2 CPU cores; ADV_DRY_RUN_TESTS=1 runs both
-# over every notebook. The paper dry run's other notebooks do not fit CI's 90 minutes yet (issue 16); README's
-# "Dry runs" section gives each notebook's time. The timeout covers a module fixture's whole run.
-# quick: 03 and 06-09 stop in RegionSparse's filter, which needs 2 correctly classified test images and finds 1 of 8
-# after one epoch on 16 real Fashion-MNIST images (it should scan further into the test split: issue 16, open).
-CI_DRY_RUN: dict[str, tuple[str, ...] | None] = {
-    "paper": ("00", "02", "04", "05", "06", "07", "08", "10"),   # not yet: 01, 03 and 09 (README: "Dry runs")
-    "quick": ("00", "01", "02", "04", "05", "10"),
-}
-EVERY_NOTEBOOK = os.environ.get("ADV_DRY_RUN_TESTS") == "1"
-
-
-def _only(profile: str) -> list[str]:
-    """The runner's --only option for `profile`'s dry run in this session ([] for every notebook)."""
-    chosen = None if EVERY_NOTEBOOK else CI_DRY_RUN[profile]
-    return ["--only", ",".join(chosen)] if chosen else []
-
-
-def _run_books(out: Path) -> list[Path]:
-    """The notebooks the dry run in `out` was asked to run."""
-    only = _only(out.name.removesuffix("-dry-run"))
-    return runner.discover(runner.parse_only(only[1]) if only else None)
 
 
 @pytest.mark.timeout(3600)
@@ -256,7 +233,7 @@ def _run_books(out: Path) -> list[Path]:
 @pytest.mark.parametrize("run", ["paper_dry_run", "quick_dry_run"])
 def test_dry_run_finishes_every_notebook_and_says_it_is_no_result(run, request):
     code, out = request.getfixturevalue(run)
-    books = _run_books(out)
+    books = runner.discover()
     failed = {nb: s and s["error"] for nb, s in _statuses(out, books).items() if not s or s["status"] != "ok"}
     assert not failed and code == 0, failed
     banner = dry_run_banner(out.name)
@@ -303,16 +280,10 @@ def test_every_paper_table_has_a_producing_notebook_or_a_skip_reason():
 @pytest.mark.notebook
 @pytest.mark.slow
 def test_paper_dry_run_writes_every_paper_table_it_is_mapped_to(paper_dry_run):
-    """Every paper table mapped to a notebook of this dry run is written by it (all of them with
-    ADV_DRY_RUN_TESTS=1)."""
+    """Every paper table mapped to a notebook is written by the dry run."""
     _, out = paper_dry_run
-    books = {book.stem for book in _run_books(out)}
-    rows = [row for row in _produced_by() if row["notebook"] in books]
-    if not rows:
-        pytest.skip(f"no paper notebook in this paper dry run ({', '.join(sorted(books))}); ADV_DRY_RUN_TESTS=1 "
-                    f"runs them all")
     missing = []
-    for row in rows:
+    for row in _produced_by():
         written = {p.stem for p in (out / row["notebook"] / "tables").glob("*.csv")} if row["notebook"] else set()
         missing += [(row["paper"], row["table"], glob) for glob in row["result_tables"].split()
                     if not fnmatch.filter(written, glob)]

@@ -37,7 +37,7 @@ def test_the_kernels_peak_reaches_summary_and_manifest(tmp_path, monkeypatch):
     _notebook(books / "01_mem.ipynb",
               "import torch\nfrom lib import memory, report\n"
               "memory.watch(report.results_dir(profile, '01_mem'), torch.device('cpu'))",
-              "block = b'x' * 400_000_000", "del block")
+              "block = b'x' * 400_000_000", "del block", "kept = b'x' * 200_000_000")
     monkeypatch.setattr(runner, "NOTEBOOKS_DIR", books)
     monkeypatch.setenv("ADV_RESULTS_DIR", str(tmp_path / "results"))
     assert runner.main(["--profile", "smoke"]) == 0
@@ -45,10 +45,22 @@ def test_the_kernels_peak_reaches_summary_and_manifest(tmp_path, monkeypatch):
     record = json.loads((out / "manifest.json").read_text())["notebooks"][0]["memory"]
     assert record["device"] == "cpu" and record["peak_bytes"] - record["baseline_bytes"] >= 3.9e8
     assert record["peak_bytes"] == record["rss_peak_bytes"]
+    (start, peak), (held, _), (kept_start, kept_peak) = record["cells"][-3:]   # each cell's own start and peak
+    assert peak - start >= 3.9e8 and held - start >= 3.9e8       # the block, then held when `del` starts
+    assert kept_start < start + 1e8 and kept_peak - kept_start >= 1.9e8   # freed; the last cell's own peak
     assert f"| {memory.gigabytes(record['peak_bytes'])} RSS |" in (out / "SUMMARY.md").read_text()
     assert "Paper-scale" not in (out / "SUMMARY.md").read_text()   # only dry runs estimate the paper's scale
     runner.set_aside_previous(out / "01_mem")                       # a later run never reads this peak
     assert memory.read_memory(out / "01_mem") is None
+
+
+def test_the_estimate_scales_each_cells_working_memory_not_what_the_kernel_holds():
+    cells = [(10 ** 9, 2 * 10 ** 9), (3 * 10 ** 9, 3 * 10 ** 9 + 10 ** 8)]   # (start, peak): 1 GB and 0.1 GB work
+    recorded = {"baseline_bytes": 10 ** 9, "peak_bytes": 3 * 10 ** 9 + 10 ** 8, "cells": cells}
+    assert memory.paper_scale_estimate(recorded, 10.0) == 11 * 10 ** 9           # 1 + 1 x 10, over 3 + 0.1 x 10
+    assert memory.paper_scale_estimate(recorded, 30.0) == 31 * 10 ** 9
+    without_cells = {"baseline_bytes": 10 ** 9, "peak_bytes": 3 * 10 ** 9}     # no per-cell record: all of it grows
+    assert memory.paper_scale_estimate(without_cells, 10.0) == 21 * 10 ** 9
 
 
 def test_a_notebook_that_recorded_nothing_shows_a_dash():
@@ -78,18 +90,18 @@ def test_a_dry_runs_summary_estimates_the_paper_scale_and_flags_what_does_not_fi
     growth = memory.batch_growth(load_profile("paper-dry-run"), "03_regionsparse")
     assert m["growth"] == growth and m["paper_scale_bytes"] == 10 ** 9 + int(3 * 10 ** 9 * growth)
     assert memory.notebook_memory(out, "paper", "03_regionsparse") == recorded   # no estimate outside dry runs
-    small = {**m, "paper_scale_bytes": 5 * 10 ** 9}
+    small = {**m, "paper_scale_bytes": 5 * 10 ** 9, "cells": [(10 ** 9, 15 * 10 ** 8), (10 ** 9, 12 * 10 ** 8)]}
     records = [{"notebook": "03_regionsparse", "status": "ok", "seconds": 1.0, "skipped": [], "error": "", "memory": m},
                {"notebook": "04_image_reconstruction", "status": "ok", "seconds": 1.0, "skipped": [], "error": "",
                 "memory": small},
                {"notebook": "05_attack_invariant_arn", "status": "failed", "seconds": 1.0, "skipped": [],
                 "error": "boom", "memory": None}]
     text = runner.summary_markdown("paper-dry-run", records, 60.0)
-    assert "## Paper-scale memory estimate" in text and "baseline + (dry-run peak - baseline) x growth" in text
+    assert "## Paper-scale memory estimate" in text and "start + (cell peak - start) x growth" in text
     big = memory.gigabytes(m["paper_scale_bytes"])
     assert m["paper_scale_bytes"] > memory.GPU_LIMIT_BYTES   # 1 GB + 3 GB x 31 is more than 80 GB
-    assert f"| 03_regionsparse | 1.00 GB | 4.00 GB | {growth:.1f}x | {big} | **NO** |" in text
-    assert "| 04_image_reconstruction | 1.00 GB | 4.00 GB" in text and "| 5.00 GB | yes |" in text
+    assert f"| 03_regionsparse | 1.00 GB | 4.00 GB | – | {growth:.1f}x | {big} | **NO** |" in text
+    assert "| 04_image_reconstruction | 1.00 GB | 4.00 GB | 0.50 GB |" in text and "| 5.00 GB | yes |" in text
     assert "| 05_attack_invariant_arn | failed | 1.0 | – |" in text
 
 

@@ -5,13 +5,15 @@ from dataclasses import asdict
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from torch import nn
 
 from lib.data import load_dataset
 from lib.defenses.base import Built
 from lib.defenses.reconstruction import EDSRRestorer, ReconstructionDefense, RestorerConfig, edsr_parameter_count
 from lib.defenses.reconstruction import tables
-from lib.defenses.reconstruction.protocol import READINGS, robustness_rows
+from lib.defenses.reconstruction.protocol import READINGS, clip_to_linf_ball, robustness_rows
+from lib.evaluate import adversarial_set
 from lib.notebook import setup
 from lib.profiles import load_profile, notebook_config
 from lib.reference import load_reference
@@ -287,3 +289,25 @@ def test_table4_saves_the_given_reading_and_the_other(smoke_run):
         assert bounded["iterations"].equals(bounded["ε-clipped"])
     with pytest.raises(ValueError, match="unknown reading"):
         tables.table4(run, runs, "clipped")
+
+
+def test_fig5_draws_deepfool_and_cw_under_the_reading_it_is_given(smoke_run, monkeypatch):
+    run, runs = smoke_run
+    p = runs["digits"]
+    eps, n = p.settings["table_eps"], run.config["examples"]
+    attacks = tables.table_attacks(run.config, eps)
+    drawn, stages = [], p.defense.stages
+    monkeypatch.setattr(p.defense, "stages", lambda x: (drawn.append(x.clone()), stages(x))[1])
+    for reading in READINGS:
+        drawn.clear()
+        tables.fig5_examples(run, runs, reading)
+        assert len(drawn) == len(attacks)
+        for (label, spec), shown in zip(attacks.items(), drawn):
+            crafted = adversarial_set(spec, p.main, p.test.x, p.test.y)[0][:n]
+            clip = spec.eps is None and reading == "ε-clipped"
+            expected = clip_to_linf_ball(p.test.x[:n], crafted, eps) if clip else crafted
+            assert torch.equal(shown, expected), (reading, label)
+    unclipped = drawn[list(attacks).index("DeepFool")]
+    assert float((unclipped - p.test.x[:n]).abs().amax()) > eps     # the iterations reading leaves the ε-ball
+    with pytest.raises(ValueError, match="unknown reading"):
+        tables.fig5_examples(run, runs, "clipped")

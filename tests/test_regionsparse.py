@@ -291,3 +291,33 @@ def test_evaluation_and_calibration_counts_share_what_a_weak_classifier_gets_rig
     assert split_counts(30, 200, 100) == (20, 10)
     with pytest.raises(ValueError, match="at least 2"):
         split_counts(1, 16, 16)
+
+
+class _RightOnFirstClasses(torch.nn.Module):
+    """Knows every digits test image's label and gives it only for classes below `k` (the next class otherwise)."""
+
+    def __init__(self, k: int):
+        super().__init__()
+        from lib.data import load_dataset
+        test = load_dataset("digits", "test")
+        self.x, self.y, self.k = test.x.flatten(1), test.y, k
+
+    def forward(self, x):
+        y = self.y[torch.cdist(x.flatten(1), self.x).argmin(1)]
+        return torch.nn.functional.one_hot(torch.where(y < self.k, y, (y + 1) % 10), 10).float()
+
+
+def test_a_weak_classifier_makes_the_evaluation_scan_further_into_the_test_split(capsys):
+    from lib.defenses.regionsparse.evaluation import evaluation_images, scored_test_images
+    from lib.profiles import load_profile
+    profile = load_profile("smoke")                                # digits: 200 of the 360 test images, 48 + 48 needed
+    test, correct = scored_test_images(profile, "digits", _RightOnFirstClasses(10), 96)
+    assert len(test) == 200 and bool(correct.all())                 # a good classifier: the profile's subset
+    test, correct = scored_test_images(profile, "digits", _RightOnFirstClasses(4), 96)
+    assert len(test) == 360 and int(correct.sum()) >= 96            # 4 classes of 10 right: the whole split scanned
+    assert "scanning 360 test images" in capsys.readouterr().out
+    images = evaluation_images(profile, "digits", _RightOnFirstClasses(4))
+    assert (len(images.y), len(images.y_cal)) == (48, 48) and bool((images.y < 4).all() and (images.y_cal < 4).all())
+    right = int((_RightOnFirstClasses(2).y < 2).sum())             # fewer than 96 even in the whole split: shared
+    images = evaluation_images(profile, "digits", _RightOnFirstClasses(2))
+    assert len(images.y) + len(images.y_cal) == right and abs(len(images.y) - len(images.y_cal)) <= 1

@@ -45,6 +45,14 @@ def clip_to_linf_ball(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch
     return (x + (x_adv - x).clamp(-eps, eps)).clamp(0.0, 1.0)
 
 
+def as_read(x: torch.Tensor, x_adv: torch.Tensor, spec: AttackSpec, eps: float, reading: str) -> torch.Tensor:
+    """`spec`'s adversarial images as `reading` reads them: a minimum-norm attack's (no ε: DeepFool, CW) projected
+    onto the ε-ball under CLIPPED, as crafted under ITERATIONS; ε-bounded attacks' as crafted in both."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown reading {reading!r}; one of {list(READINGS)}")
+    return clip_to_linf_ball(x, x_adv, eps) if spec.eps is None and reading == CLIPPED else x_adv
+
+
 def paper_attacks(eps: float, *, bim_steps: int | None = None, deepfool: dict | None = None,
                   cw: dict | None = None) -> dict[str, AttackSpec]:
     """The four attacks of Tables 1-4 at strength ε: FGSM, BIM (bim_schedule), DeepFool and CW-L2.

@@ -27,8 +27,8 @@ from lib.data import ImageData, load_dataset
 from lib.defenses.base import Built, Compose, Defended
 from lib.defenses.reconstruction.defense import ReconstructionDefense, quantize
 from lib.defenses.reconstruction.networks import edsr_parameter_count
-from lib.defenses.reconstruction.protocol import (DEFAULT_READING, ITERATIONS, READINGS, clip_to_linf_ball,
-                                                  paper_attacks, reading_rows)
+from lib.defenses.reconstruction.protocol import (DEFAULT_READING, ITERATIONS, READINGS, as_read, paper_attacks,
+                                                  reading_rows)
 from lib.defenses.reconstruction.training import build, trained_paper_classifier
 from lib.defenses.squeeze import BitDepthReduction, MedianFilter
 from lib.evaluate import AttackSpec, accuracy, accuracy_interval, adversarial_set, predict
@@ -263,9 +263,9 @@ def strength_curves(run: Run, runs: Mapping[str, Prepared]) -> pd.DataFrame:
     return curves
 
 
-def fig5_examples(run: Run, runs: Mapping[str, Prepared]) -> list[Figure]:
-    """Fig. 5: normal, adversarial, compressed and reconstructed images for each attack at the table's ε
-    (DeepFool/CW clipped to the ε-ball); titles give ResNet-50's prediction, green when correct."""
+def fig5_examples(run: Run, runs: Mapping[str, Prepared], reading: str) -> list[Figure]:
+    """Fig. 5: normal, adversarial, compressed and reconstructed images for each attack at the table's ε, DeepFool
+    and CW under `reading` (Tables 1-3's); titles give ResNet-50's prediction, green when correct."""
     figures, n_ex = [], run.config["examples"]
     for name, p in runs.items():
         x, y = _on_device(run, p)
@@ -273,7 +273,7 @@ def fig5_examples(run: Run, runs: Mapping[str, Prepared]) -> list[Figure]:
         fig, axes = plt.subplots(4, 4 * n_ex, figsize=(1.25 * 4 * n_ex, 5.6), squeeze=False)
         for col, (attack, spec) in enumerate(table_attacks(run.config, eps).items()):
             x_adv, _ = adversarial_set(spec, p.main, x, y, batch_size=_batch(run))
-            x_adv = x_adv[:n_ex] if spec.eps is not None else clip_to_linf_ball(x[:n_ex], x_adv[:n_ex], eps)
+            x_adv = as_read(x[:n_ex], x_adv[:n_ex], spec, eps, reading)
             with torch.no_grad():
                 stages = p.defense.stages(x_adv)
             for row, imgs in enumerate([x[:n_ex], x_adv, stages["compressed"], stages["restored"]]):
@@ -286,7 +286,7 @@ def fig5_examples(run: Run, runs: Mapping[str, Prepared]) -> list[Figure]:
                         ax.set_title(f"{attack}\n{ax.get_title()}", fontsize=8, color=ax.title.get_color())
         for row, label in enumerate(["normal", "adversarial", f"compressed (k={p.defense.levels})", "reconstructed"]):
             axes[row, 0].set_ylabel(label, fontsize=8)
-        fig.suptitle(f"Fig. 5 ({name}): ε = {eps:g}; DeepFool/CW clipped to the ε-ball", fontsize=10)
+        fig.suptitle(f"Fig. 5 ({name}): ε = {eps:g}; DeepFool / CW read as '{reading}'", fontsize=10)
         fig.tight_layout()
         report.save_figure(fig, f"fig5_examples_{name}", run.out)
         figures.append(fig)

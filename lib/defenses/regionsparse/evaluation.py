@@ -18,7 +18,7 @@ from torch import nn
 
 from lib import cache
 from lib.attacks import bim, cw_l2_fixed_c, fgsm, mi_fgsm, mi_fgsm_at_l2, normalized_l2, scale_to_normalized_l2
-from lib.data import ImageData, load_dataset
+from lib.data import ImageData, load_dataset, split_size
 from lib.defenses.base import Defense
 from lib.evaluate import accuracy, in_batches, model_digest, predict, purify_stream
 from lib.profiles import dataset_config, notebook_config
@@ -31,15 +31,17 @@ ATTACK_ORDER = ("FGSM", "BIM", "CW-L2", "MI-FGSM")
 IMAGENET_SIZE = 299  # Inception-v3's input
 
 
-def load_split(profile: Mapping[str, Any], dataset: str, split: str) -> ImageData:
+def load_split(profile: Mapping[str, Any], dataset: str, split: str, n: int | None = None) -> ImageData:
     """The profile's images of `dataset` for this protocol: the dataset's subset, or for ImageNet (paper profile)
-    as many as the notebook needs (evaluation + calibration, dictionary + fine-tuning) at 299 px."""
+    as many as the notebook needs (evaluation + calibration, dictionary + fine-tuning) at 299 px; `n` overrides
+    the count."""
     section = notebook_config(profile, NOTEBOOK)
     if dataset == "imagenet":
-        n = (section["n_eval"] + section["n_calibration"] if split == "test"
-             else section["dictionary_images"] + section["finetune"]["n_train"])
+        n = n or (section["n_eval"] + section["n_calibration"] if split == "test"
+                  else section["dictionary_images"] + section["finetune"]["n_train"])
         return load_dataset(dataset, split, n=n, seed=profile["seed"], image_size=IMAGENET_SIZE)
-    return load_dataset(dataset, split, n=dataset_config(profile, dataset).get(f"{split}_size"), seed=profile["seed"])
+    return load_dataset(dataset, split, n=n or dataset_config(profile, dataset).get(f"{split}_size"),
+                        seed=profile["seed"])
 
 
 def dictionary_images(profile: Mapping[str, Any], dataset: str) -> torch.Tensor:
@@ -63,11 +65,10 @@ def evaluation_images(profile: Mapping[str, Any], dataset: str, classifier: nn.M
                       device: torch.device | None = None) -> EvaluationImages:
     """The first `n_eval` test images `classifier` gets right, then the next `n_calibration` ones (on `device`).
 
-    When the test subset holds fewer correct images than both need (a weak classifier, a dry run), they are split in
-    the profile's n_eval : n_calibration ratio, at least one each, and the shortfall is printed."""
+    When even the whole test split holds fewer correct images than both need (`scored_test_images`), they are split
+    in the profile's n_eval : n_calibration ratio, at least one each, and the shortfall is printed."""
     section = notebook_config(profile, NOTEBOOK)
-    test = load_split(profile, dataset, "test")
-    correct = predict(classifier, test.x) == test.y
+    test, correct = scored_test_images(profile, dataset, classifier, section["n_eval"] + section["n_calibration"])
     idx = torch.nonzero(correct).flatten()
     n_eval, n_cal = split_counts(len(idx), section["n_eval"], section["n_calibration"])
     if (n_eval, n_cal) != (section["n_eval"], section["n_calibration"]):
@@ -77,6 +78,21 @@ def evaluation_images(profile: Mapping[str, Any], dataset: str, classifier: nn.M
     ev, cal = idx[:n_eval], idx[n_eval:n_eval + n_cal]
     return EvaluationImages(test.x[ev].to(device), test.y[ev].to(device), test.x[cal].to(device),
                             test.y[cal].to(device), 100.0 * float(correct.float().mean()), test.info)
+
+
+def scored_test_images(profile: Mapping[str, Any], dataset: str, classifier: nn.Module, needed: int
+                       ) -> tuple[ImageData, torch.Tensor]:
+    """The profile's test subset and which of its images `classifier` gets right. When fewer than `needed` are right
+    (a weak classifier, a dry run's few images), the subset is doubled, up to the whole split, and the scan printed."""
+    test = load_split(profile, dataset, "test")
+    correct = predict(classifier, test.x) == test.y
+    total = split_size(dataset, "test") if int(correct.sum()) < needed else len(test)
+    while int(correct.sum()) < needed and len(test) < total:
+        print(f"{dataset}: the classifier gets {int(correct.sum())} of {len(test)} test images right, fewer than the "
+              f"{needed} evaluation and calibration need: scanning {min(2 * len(test), total)} test images")
+        test = load_split(profile, dataset, "test", n=min(2 * len(test), total))
+        correct = predict(classifier, test.x) == test.y
+    return test, correct
 
 
 def split_counts(available: int, n_eval: int, n_calibration: int) -> tuple[int, int]:
