@@ -46,27 +46,25 @@ def peak_rss_bytes() -> int:
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
-def current_rss_bytes() -> int:
-    """This process's resident set size now (VmRSS of /proc/self/status; the peak where /proc is missing)."""
+def _proc_status_bytes(field: str) -> int:
+    """A size field of /proc/self/status in bytes (VmRSS, VmHWM); getrusage's peak where /proc is missing."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return peak_rss_bytes()
+
+
+def current_rss_bytes() -> int:
+    """This process's resident set size now (VmRSS)."""
+    return _proc_status_bytes("VmRSS")
 
 
 def current_peak_rss_bytes() -> int:
-    """This process's peak resident set since the last `reset_rss_peak` (VmHWM of /proc/self/status; getrusage's
-    peak where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
+    """This process's peak resident set since the last `reset_rss_peak` (VmHWM)."""
+    return _proc_status_bytes("VmHWM")
 
 
 def reset_rss_peak() -> bool:
