@@ -50,7 +50,6 @@ _DRY_RUN_RULES: tuple[tuple[str, str], ...] = (
     (r"n_atoms|n_feats|n_blocks|noise_copies|top_k",             "keep"),      # architectures, not counts of work
     (r".*examples|figure_images",                                "few"),       # figure rows
     (r"train_size|.*_train_size|n_train|pool_images",            "train"),     # training subsets (IDFR's FR pool); None too
-    (r"n_eval|n_calibration",                                    "few"),       # RegionSparse's images: an OMP pass each
     (r".*_size|n_.*|.*_images|.*_per_image",                     "size"),      # other subsets; None (= all) too
     (r"epochs|.*_epochs",                                        "one"),
     (r"steps_per_epoch",                                         "few"),
